@@ -1,0 +1,65 @@
+# KeyBinder developer commands. `make run` and `make test` work on a fresh Debian machine.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON   ?= python3
+VENV     ?= .venv
+BIN      := $(VENV)/bin
+DATA_DIR ?= .keybinder
+SOFTHSM_MODULE ?= /usr/lib/softhsm/libsofthsm2.so
+SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+KB       := $(BIN)/keybinder
+
+.PHONY: help run test setup deps softhsm lint typecheck proto proto-check demo clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+run: setup  ## set everything up and serve on 127.0.0.1:50051
+	exec $(KB) serve --data-dir $(DATA_DIR)
+
+test: setup lint typecheck proto-check  ## set up, check style/types/generated code, run every test
+	$(BIN)/pytest
+
+setup: deps softhsm  ## venv, SoftHSM2, token, issuer, database and demo identity (idempotent)
+	$(KB) init --data-dir $(DATA_DIR)
+	$(KB) identities import examples/demo-identities.json --data-dir $(DATA_DIR)
+
+deps: $(VENV)/.installed
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+softhsm:  ## install SoftHSM2 from apt when it is missing
+	@if [ ! -e $(SOFTHSM_MODULE) ]; then \
+		echo "installing SoftHSM2 (apt-get)"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq softhsm2 >/dev/null; \
+	fi
+	@test -e $(SOFTHSM_MODULE) || { echo "SoftHSM2 module $(SOFTHSM_MODULE) missing"; exit 1; }
+
+lint: deps  ## ruff check and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: deps  ## mypy --strict
+	$(BIN)/mypy
+
+proto: deps  ## regenerate server/gen from protos/
+	$(BIN)/python scripts/genproto.py
+
+proto-check: deps  ## fail when server/gen is not what protos/ generates
+	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && \
+	$(BIN)/python scripts/genproto.py --out $$tmp/gen && \
+	diff -r -x __pycache__ $$tmp/gen server/gen && echo "generated code is fresh" || \
+	{ echo "server/gen is stale: run 'make proto'"; exit 1; }
+
+demo: deps  ## run the example client against a running `make run`
+	$(KB) demo --data-dir $(DATA_DIR)
+
+clean:  ## remove the virtualenv and the local data directory
+	rm -rf $(VENV) $(DATA_DIR) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,182 @@
+"""One logged-in PKCS#11 session per process, with every call serialized and errors translated."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from typing import Any, TypeVar
+
+import pkcs11
+import pkcs11.exceptions as p11err
+
+from hsm.errors import (
+    HsmError,
+    HsmUnavailableError,
+    KeyNotFoundError,
+    MechanismNotSupportedError,
+    PinIncorrectError,
+    TokenNotFoundError,
+)
+from hsm.uri import Pkcs11Uri
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Return codes after which the session (or the whole library) must be rebuilt before the
+# next call: the device went away, the token directory vanished, or the handle is stale.
+_UNAVAILABLE: tuple[type[p11err.PKCS11Error], ...] = (
+    p11err.DeviceError,
+    p11err.DeviceMemory,
+    p11err.DeviceRemoved,
+    p11err.TokenNotPresent,
+    p11err.TokenNotRecognised,
+    p11err.SessionClosed,
+    p11err.SessionHandleInvalid,
+    p11err.SessionCount,
+    p11err.UserNotLoggedIn,
+    p11err.KeyHandleInvalid,
+    p11err.ObjectHandleInvalid,
+    p11err.GeneralError,
+    p11err.FunctionFailed,
+)
+
+
+def translate(err: p11err.PKCS11Error, action: str) -> HsmError:
+    """Map a python-pkcs11 exception to the HSM layer's error with a sentence saying what failed."""
+    name = type(err).__name__
+    if isinstance(err, p11err.PinIncorrect | p11err.PinLocked | p11err.PinExpired | p11err.PinInvalid):
+        return PinIncorrectError(f"{action}: the token rejected the PIN ({name})")
+    if isinstance(err, p11err.NoSuchToken):
+        return TokenNotFoundError(f"{action}: no such token")
+    if isinstance(err, p11err.NoSuchKey):
+        return KeyNotFoundError(f"{action}: no such key")
+    if isinstance(err, p11err.MechanismInvalid | p11err.FunctionNotSupported):
+        return MechanismNotSupportedError(f"{action}: mechanism not supported by the module ({name})")
+    if isinstance(err, _UNAVAILABLE):
+        return HsmUnavailableError(f"{action}: HSM unavailable ({name})")
+    return HsmError(f"{action}: PKCS#11 error {name}")
+
+
+class Pkcs11Session:
+    """Owns the process's PKCS#11 library handle and its single logged-in session.
+
+    SoftHSM runs without internal locks once python-pkcs11 has initialised it with
+    C_Initialize(NULL), and python-pkcs11 releases the GIL inside every call, so two threads
+    in one process must never be inside the module at once: ``run`` holds a lock for the
+    whole call. Closing a logged-in session logs out every session of the process, so there is
+    exactly one, kept open until ``close``.
+    """
+
+    def __init__(self, uri: Pkcs11Uri, lock: threading.RLock) -> None:
+        self.uri = uri
+        self._lock = lock
+        self._lib: Any = None
+        self._session: pkcs11.Session | None = None
+        self._generation = 0
+        self._closed = False
+        self._users = 0
+
+    @classmethod
+    def shared(cls, uri: Pkcs11Uri) -> Pkcs11Session:
+        """The process's session for ``uri``'s token, shared by every user in the process.
+
+        A second session would need its own login, and closing either would log out both.
+        Each call must be paired with one ``close``.
+        """
+        key = (uri.module_path, uri.token)
+        with _registry_lock:
+            session = _sessions.get(key)
+            if session is None or session._closed:
+                lock = _module_locks.setdefault(uri.module_path, threading.RLock())
+                session = _sessions[key] = cls(uri, lock)
+            session._users += 1
+            return session
+
+    @property
+    def generation(self) -> int:
+        """Bumped on every (re)login: object handles from older generations are stale."""
+        return self._generation
+
+    def open(self) -> None:
+        with self._lock:
+            self._ensure_open()
+
+    def _ensure_open(self) -> pkcs11.Session:
+        if self._closed:
+            raise HsmError("the HSM session has been closed")
+        if self._session is not None:
+            return self._session
+        pin = self.uri.read_pin()
+        try:
+            if self._lib is None:
+                self._lib = pkcs11.lib(self.uri.module_path)
+            token = self._lib.get_token(token_label=self.uri.token)
+            self._session = token.open(rw=True, user_pin=pin)
+        except p11err.PKCS11Error as err:
+            raise translate(err, f"opening token {self.uri.token!r}") from err
+        except RuntimeError as err:
+            # python-pkcs11 raises a bare RuntimeError when the module cannot be loaded.
+            raise HsmUnavailableError(f"cannot load PKCS#11 module {self.uri.module_path}") from err
+        self._generation += 1
+        log.info("logged in to token %r (generation %d)", self.uri.token, self._generation)
+        return self._session
+
+    def run(self, action: str, fn: Callable[[pkcs11.Session], T]) -> T:
+        """Run ``fn`` with the session, holding the process-wide PKCS#11 lock."""
+        with self._lock:
+            session = self._ensure_open()
+            try:
+                return fn(session)
+            except p11err.PKCS11Error as err:
+                translated = translate(err, action)
+                if isinstance(translated, HsmUnavailableError):
+                    self._drop()
+                raise translated from err
+
+    @contextmanager
+    def locked(self) -> Iterator[pkcs11.Session]:
+        with self._lock:
+            yield self._ensure_open()
+
+    def _drop(self) -> None:
+        """Forget the session after a device error; the next call re-initialises the library.
+
+        Old handles are invalid after C_Finalize, and a new C_Login on a still-initialised
+        library answers UserAlreadyLoggedIn, so recovery is a full reinitialize then login.
+        """
+        self._session = None
+        if self._lib is not None:
+            try:
+                self._lib.reinitialize()
+            except p11err.PKCS11Error as err:
+                log.warning("PKCS#11 reinitialize failed: %s", type(err).__name__)
+
+    def reconnect(self) -> None:
+        """Re-initialise the library and log in again (after the token came back)."""
+        with self._lock:
+            self._drop()
+            self._ensure_open()
+
+    def close(self) -> None:
+        """Release one user's hold; the last one logs out. Idempotent once closed."""
+        with _registry_lock, self._lock:
+            if self._closed:
+                return
+            self._users -= 1
+            if self._users > 0:
+                return
+            self._closed = True
+            _sessions.pop((self.uri.module_path, self.uri.token), None)
+            if self._session is not None:
+                with suppress(p11err.PKCS11Error):
+                    self._session.close()
+                self._session = None
+
+
+_registry_lock = threading.Lock()
+_sessions: dict[tuple[str, str], Pkcs11Session] = {}
+#: One lock per loaded module: SoftHSM is unsafe across tokens too, not only per session.
+_module_locks: dict[str, threading.RLock] = {}

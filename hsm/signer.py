@@ -1,0 +1,184 @@
+"""HSM-backed private keys that `cryptography` accepts wherever it takes a private key.
+
+Each class subclasses the matching `cryptography` ABC so that ``CertificateBuilder.sign()``
+and other standard code work unchanged, while ``sign()`` goes to the token. Everything that
+would expose key material raises, because the token never releases it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import NoDigestInfo, Prehashed, encode_dss_signature
+
+from hsm.errors import MechanismNotSupportedError
+
+BytesLike = bytes | bytearray | memoryview
+
+#: Signs ``data`` with the token key under ``mechanism`` ("ECDSA", "EDDSA", "SHA256_RSA_PKCS", ...).
+RawSign = Callable[[str, bytes], bytes]
+
+
+def _not_extractable() -> NoReturn:
+    raise TypeError("an HSM key is not extractable")
+
+
+def _digest(data: bytes, algorithm: hashes.HashAlgorithm) -> bytes:
+    h = hashes.Hash(algorithm)
+    h.update(data)
+    return h.finalize()
+
+
+class HsmEcPrivateKey(ec.EllipticCurvePrivateKey):
+    """ECDSA in the HSM. The message is hashed here and signed with raw CKM_ECDSA.
+
+    SoftHSM 2.6.1 has no CKM_ECDSA_SHA256, and CKM_ECDSA silently truncates an unhashed
+    message, so the hash is always computed first with the algorithm the caller named.
+    """
+
+    def __init__(self, public: ec.EllipticCurvePublicKey, raw_sign: RawSign) -> None:
+        self._public = public
+        self._raw_sign = raw_sign
+
+    @property
+    def curve(self) -> ec.EllipticCurve:
+        return self._public.curve
+
+    @property
+    def key_size(self) -> int:
+        return self._public.key_size
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._public
+
+    def sign(self, data: BytesLike, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
+        if not isinstance(signature_algorithm, ec.ECDSA):
+            raise MechanismNotSupportedError("only ECDSA is supported")
+        algorithm = signature_algorithm.algorithm
+        digest = bytes(data) if isinstance(algorithm, Prehashed) else _digest(bytes(data), algorithm)
+        raw = self._raw_sign("ECDSA", digest)
+        half = len(raw) // 2
+        r = int.from_bytes(raw[:half], "big")
+        s = int.from_bytes(raw[half:], "big")
+        return encode_dss_signature(r, s)
+
+    def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
+        raise MechanismNotSupportedError("ECDH is not offered by the HSM signer")
+
+    def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
+        _not_extractable()
+
+    def private_bytes(
+        self,
+        encoding: serialization.Encoding,
+        format: serialization.PrivateFormat,
+        encryption_algorithm: serialization.KeySerializationEncryption,
+    ) -> bytes:
+        _not_extractable()
+
+    def __copy__(self) -> HsmEcPrivateKey:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> HsmEcPrivateKey:
+        return self
+
+
+_RSA_PKCS1 = {"sha256": "SHA256_RSA_PKCS", "sha384": "SHA384_RSA_PKCS", "sha512": "SHA512_RSA_PKCS"}
+
+
+class HsmRsaPrivateKey(rsa.RSAPrivateKey):
+    """RSA PKCS#1 v1.5 signatures in the HSM with the hash done by the token."""
+
+    def __init__(self, public: rsa.RSAPublicKey, raw_sign: RawSign) -> None:
+        self._public = public
+        self._raw_sign = raw_sign
+
+    @property
+    def key_size(self) -> int:
+        return self._public.key_size
+
+    def public_key(self) -> rsa.RSAPublicKey:
+        return self._public
+
+    def sign(
+        self,
+        data: BytesLike,
+        padding: padding.AsymmetricPadding,
+        algorithm: hashes.HashAlgorithm | Prehashed | NoDigestInfo,
+    ) -> bytes:
+        from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
+
+        if not isinstance(padding, PKCS1v15) or not isinstance(algorithm, hashes.HashAlgorithm):
+            raise MechanismNotSupportedError("only PKCS#1 v1.5 over an unhashed message is supported")
+        mechanism = _RSA_PKCS1.get(algorithm.name)
+        if mechanism is None:
+            raise MechanismNotSupportedError(f"hash {algorithm.name} is not supported for RSA")
+        return self._raw_sign(mechanism, bytes(data))
+
+    def decrypt(self, ciphertext: bytes, padding: padding.AsymmetricPadding) -> bytes:
+        raise MechanismNotSupportedError("decryption is not offered by the HSM signer")
+
+    def private_numbers(self) -> rsa.RSAPrivateNumbers:
+        _not_extractable()
+
+    def private_bytes(
+        self,
+        encoding: serialization.Encoding,
+        format: serialization.PrivateFormat,
+        encryption_algorithm: serialization.KeySerializationEncryption,
+    ) -> bytes:
+        _not_extractable()
+
+    def __copy__(self) -> HsmRsaPrivateKey:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> HsmRsaPrivateKey:
+        return self
+
+
+class HsmEd25519PrivateKey(ed25519.Ed25519PrivateKey):
+    """Ed25519 (pure EdDSA) signatures in the HSM."""
+
+    def __init__(self, public: ed25519.Ed25519PublicKey, raw_sign: RawSign) -> None:
+        self._public = public
+        self._raw_sign = raw_sign
+
+    def public_key(self) -> ed25519.Ed25519PublicKey:
+        return self._public
+
+    def sign(self, data: BytesLike) -> bytes:
+        return self._raw_sign("EDDSA", bytes(data))
+
+    def private_bytes(
+        self,
+        encoding: serialization.Encoding,
+        format: serialization.PrivateFormat,
+        encryption_algorithm: serialization.KeySerializationEncryption,
+    ) -> bytes:
+        _not_extractable()
+
+    def private_bytes_raw(self) -> bytes:
+        _not_extractable()
+
+    def __copy__(self) -> HsmEd25519PrivateKey:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> HsmEd25519PrivateKey:
+        return self
+
+
+HsmPrivateKey = HsmEcPrivateKey | HsmRsaPrivateKey | HsmEd25519PrivateKey
+
+
+def signer_for(
+    public: ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey, raw_sign: RawSign
+) -> HsmPrivateKey:
+    """The HSM private key class matching ``public``."""
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        return HsmEcPrivateKey(public, raw_sign)
+    if isinstance(public, rsa.RSAPublicKey):
+        return HsmRsaPrivateKey(public, raw_sign)
+    return HsmEd25519PrivateKey(public, raw_sign)

@@ -1,0 +1,1 @@
+"""KeyBinder server: gRPC adapter, service layer, challenges, stores, certificates, config and CLI."""

@@ -1,0 +1,5 @@
+"""`python -m server` runs the keybinder CLI."""
+
+from server.cli import main
+
+main()

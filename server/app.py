@@ -1,0 +1,190 @@
+"""Wiring: builds the service and its backends from settings, and the idempotent `init`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+
+from hsm import KeyKind, Pkcs11KeyManager
+from hsm.provision import init_token, token_exists
+from server.certs import build_issuer_certificate, to_pem
+from server.config import Settings
+from server.domain import Identity, IssuerRecord
+from server.hsm_backend import HsmHasher, HsmIssuerKeys
+from server.notifiers.outbox import OutboxNotifier
+from server.service import KeyBinderService
+from server.stores.sqlite import SqliteStore, migrate
+
+log = logging.getLogger(__name__)
+
+
+class SystemClock:
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+
+@dataclass
+class App:
+    """Everything one process owns; `close` releases it (HSM logout, DB connections)."""
+
+    settings: Settings
+    keys: Pkcs11KeyManager
+    store: SqliteStore
+    service: KeyBinderService
+
+    def close(self) -> None:
+        self.store.close()
+        self.keys.close()
+
+
+def build_app(settings: Settings) -> App:
+    """Connect to the token (this process logs in itself) and the database."""
+    settings.apply_environment()
+    keys = Pkcs11KeyManager(settings.pkcs11_uri)
+    keys.session.open()
+    store = SqliteStore(settings.database_path)
+    service = KeyBinderService(
+        policy=settings.policy(),
+        clock=SystemClock(),
+        hasher=HsmHasher(keys, settings.hmac_key_label),
+        issuer_keys=HsmIssuerKeys(keys),
+        identities=store,
+        otps=store,
+        bindings=store,
+        issuers=store,
+        notifier=OutboxNotifier(settings.outbox),
+    )
+    return App(settings, keys, store, service)
+
+
+def _write_secret(path: Path) -> None:
+    """Create a random PIN file readable by the owner only (never shown, never on argv)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_urlsafe(18) + "\n")
+
+
+@dataclass(frozen=True, slots=True)
+class InitReport:
+    created: list[str]
+    reused: list[str]
+
+
+def initialise(settings: Settings) -> InitReport:
+    """Create whatever is missing: token, PINs, HMAC key, issuer key and certificate, schema."""
+    created: list[str] = []
+    reused: list[str] = []
+    data_dir = settings.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    uri = settings.pkcs11_uri
+    managed_token = not settings.hsm_uri
+
+    if managed_token:
+        conf = settings.softhsm_conf_path
+        if not conf.exists() and "SOFTHSM2_CONF" not in os.environ:
+            tokens = data_dir / "tokens"
+            tokens.mkdir(exist_ok=True, mode=0o700)
+            conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
+            created.append(f"SoftHSM config {conf}")
+        for pin_file in (settings.pin_file, settings.so_pin_file):
+            if not pin_file.exists():
+                _write_secret(pin_file)
+    settings.apply_environment()
+
+    # Token initialisation goes through raw PKCS#11 before python-pkcs11 loads the module.
+    if token_exists(uri.module_path, uri.token):
+        reused.append(f"token {uri.token!r}")
+    else:
+        if not managed_token:
+            raise RuntimeError(f"token {uri.token!r} not found; create it on the HSM first")
+        init_token(
+            uri.module_path,
+            uri.token,
+            so_pin=settings.so_pin_file.read_text().strip(),
+            user_pin=uri.read_pin(),
+        )
+        created.append(f"token {uri.token!r}")
+
+    applied = migrate(settings.database_path)
+    (created if applied else reused).append(f"database {settings.database_path}")
+
+    keys = Pkcs11KeyManager(uri)
+    store = SqliteStore(settings.database_path)
+    try:
+        if keys.exists(settings.hmac_key_label, "secret"):
+            reused.append(f"HMAC key {settings.hmac_key_label!r}")
+        else:
+            keys.create_hmac_key(settings.hmac_key_label)
+            created.append(f"HMAC key {settings.hmac_key_label!r}")
+
+        label = uri.object or "keybinder-issuer"
+        now = datetime.now(UTC)
+        if any(r.key_label == label and r.not_after > now for r in store.issuers()):
+            reused.append(f"issuer {label!r}")
+        else:
+            if keys.exists(label, "private"):
+                reused.append(f"issuer key {label!r}")
+                kind = _kind_of(keys, label, settings.issuer_key_type)
+            else:
+                keys.create_key(label, settings.issuer_key_type)
+                kind = settings.issuer_key_type
+                created.append(f"issuer key {label!r} ({kind})")
+            cert = build_issuer_certificate(
+                keys.create_signer(label),
+                common_name=f"KeyBinder Issuer {now:%Y-%m-%d}",
+                now=now,
+                validity=timedelta(days=settings.issuer_validity_days),
+            )
+            store.add_issuer(IssuerRecord(label, str(kind), to_pem(cert), cert.not_valid_after_utc, now))
+            created.append(f"issuer certificate for {label!r}")
+    finally:
+        store.close()
+        keys.close()
+    return InitReport(created, reused)
+
+
+def _kind_of(keys: Pkcs11KeyManager, label: str, fallback: KeyKind) -> KeyKind:
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    public = keys.get_public_key(label)
+    if isinstance(public, ed25519.Ed25519PublicKey):
+        return KeyKind.ED25519
+    if isinstance(public, rsa.RSAPublicKey):
+        return KeyKind.RSA_3072
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        return KeyKind.EC_P384 if public.curve.key_size == 384 else KeyKind.EC_P256
+    return fallback
+
+
+def issuer_chain_pem(store: SqliteStore) -> str:
+    """Every issuer certificate that is still valid, newest first, as one PEM bundle."""
+    now = datetime.now(UTC)
+    certs = [r.certificate_pem for r in store.issuers() if r.not_after > now]
+    for pem in certs:
+        x509.load_pem_x509_certificate(pem.encode())  # refuse to print something corrupt
+    return "".join(certs)
+
+
+def register_identity(
+    service: KeyBinderService,
+    store: SqliteStore,
+    *,
+    individual_id: str,
+    email: str | None,
+    phone: str | None,
+    name: str | None,
+    pin: str | None,
+) -> bool:
+    """Add or update an individual; only HMACs of the ID and PIN are stored."""
+    service.check_individual_id(individual_id)
+    if pin is not None and not (len(pin) == 6 and pin.isdigit()):
+        raise ValueError("a PIN is exactly 6 digits")
+    id_hmac = service.id_hmac(individual_id)
+    pin_hmac = service.pin_hmac(id_hmac, pin) if pin is not None else None
+    return store.upsert_identity(Identity(id_hmac, email or None, phone or None, name or None, pin_hmac))

@@ -1,0 +1,236 @@
+"""The `keybinder` command line: init, serve, issuer, identities, demo."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from server.config import Settings, load_settings
+
+app = typer.Typer(
+    help="KeyBinder: bind individuals' IDs to wallet keys with HSM-signed certificates.", no_args_is_help=True
+)
+issuer_app = typer.Typer(help="Issuer certificates.", no_args_is_help=True)
+identities_app = typer.Typer(help="The identity registry.", no_args_is_help=True)
+app.add_typer(issuer_app, name="issuer")
+app.add_typer(identities_app, name="identities")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML config file (or $KEYBINDER_CONFIG).")]
+DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="State directory [default: .keybinder].")]
+DbOpt = Annotated[str | None, typer.Option("--database-url", help="sqlite:///path [default: <data-dir>/keybinder.db].")]
+HsmOpt = Annotated[
+    str | None,
+    typer.Option("--hsm-uri", help="RFC 7512 URI, e.g. pkcs11:token=t;object=k?module-path=...&pin-source=file:/p"),
+]
+
+
+def _settings(config: Path | None, data_dir: Path | None, db: str | None, hsm: str | None, **extra: Any) -> Settings:
+    try:
+        settings = load_settings(config, data_dir=data_dir, database_url=db, hsm_uri=hsm, **extra)
+    except (ValueError, FileNotFoundError) as err:
+        typer.echo(f"configuration error: {err}", err=True)
+        raise typer.Exit(2) from err
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("yoyo").setLevel(logging.WARNING)
+    return settings
+
+
+def _fail(err: Exception) -> typer.Exit:
+    typer.echo(f"error: {err}", err=True)
+    return typer.Exit(1)
+
+
+@app.command()
+def init(
+    config: ConfigOpt = None, data_dir: DataDirOpt = None, database_url: DbOpt = None, hsm_uri: HsmOpt = None
+) -> None:
+    """Create (idempotently) the token, HMAC key, issuer key and certificate, and the database."""
+    from hsm import HsmError
+    from server.app import initialise
+
+    settings = _settings(config, data_dir, database_url, hsm_uri)
+    try:
+        report = initialise(settings)
+    except (HsmError, RuntimeError, OSError) as err:
+        raise _fail(err) from err
+    for item in report.created:
+        typer.echo(f"created  {item}")
+    for item in report.reused:
+        typer.echo(f"reused   {item}")
+
+
+@app.command()
+def migrate(config: ConfigOpt = None, data_dir: DataDirOpt = None, database_url: DbOpt = None) -> None:
+    """Apply pending database schema migrations."""
+    from server.stores.sqlite import migrate as run_migrations
+
+    settings = _settings(config, data_dir, database_url, None)
+    typer.echo(f"applied {run_migrations(settings.database_path)} migration(s)")
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+    hsm_uri: HsmOpt = None,
+    listen: Annotated[str | None, typer.Option("--listen", help="host:port [default: 127.0.0.1:50051].")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Port on the default host; 0 picks a free one.")] = None,
+) -> None:
+    """Serve keybinder.v1.KeyBinderService (plus health and reflection) until SIGTERM."""
+    from hsm import HsmError
+    from server.serve import serve as run
+
+    if port is not None and listen is None:
+        listen = f"127.0.0.1:{port}"
+    settings = _settings(config, data_dir, database_url, hsm_uri, listen=listen)
+
+    def ready(bound: int) -> None:
+        # One machine-readable line on stdout so scripts (and tests) can find a port-0 server.
+        print(f"keybinder listening on {settings.host_port[0]}:{bound}", flush=True)
+
+    try:
+        asyncio.run(run(settings, ready))
+    except (HsmError, OSError) as err:
+        raise _fail(err) from err
+
+
+@issuer_app.command("show")
+def issuer_show(config: ConfigOpt = None, data_dir: DataDirOpt = None, database_url: DbOpt = None) -> None:
+    """Print the PEM chain of the issuer certificates that are still valid."""
+    from server.app import issuer_chain_pem
+    from server.stores.sqlite import SqliteStore
+
+    settings = _settings(config, data_dir, database_url, None)
+    store = SqliteStore(settings.database_path)
+    try:
+        chain = issuer_chain_pem(store)
+    finally:
+        store.close()
+    if not chain:
+        raise _fail(RuntimeError("no issuer certificate; run `keybinder init`"))
+    typer.echo(chain, nl=False)
+
+
+def _with_app(settings: Settings) -> Any:
+    from server.app import build_app
+
+    return build_app(settings)
+
+
+@identities_app.command("import")
+def identities_import(
+    file: Annotated[Path, typer.Argument(help='JSON array of {"individual_id","email","phone","pin","name"}.')],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+    hsm_uri: HsmOpt = None,
+) -> None:
+    """Import identities; the ID and PIN are stored only as HSM-keyed HMACs."""
+    from server.app import register_identity
+    from server.errors import KeyBinderError
+
+    settings = _settings(config, data_dir, database_url, hsm_uri)
+    try:
+        entries = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise _fail(RuntimeError(f"cannot read {file}: {err}")) from err
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise _fail(RuntimeError("the file must hold a JSON array of objects"))
+    allowed = {"individual_id", "email", "phone", "pin", "name"}
+    for index, entry in enumerate(entries):
+        unknown = set(entry) - allowed
+        if unknown or not isinstance(entry.get("individual_id"), str):
+            raise _fail(RuntimeError(f"entry {index}: needs a string individual_id; unknown keys {sorted(unknown)}"))
+        for key in allowed - {"individual_id"}:
+            if entry.get(key) is not None and not isinstance(entry[key], str):
+                raise _fail(RuntimeError(f"entry {index}: {key} must be a string"))
+    kb = _with_app(settings)
+    added = updated = 0
+    try:
+        for index, entry in enumerate(entries):
+            try:
+                new = register_identity(
+                    kb.service,
+                    kb.store,
+                    individual_id=entry["individual_id"],
+                    email=entry.get("email"),
+                    phone=entry.get("phone"),
+                    name=entry.get("name"),
+                    pin=entry.get("pin"),
+                )
+            except (KeyBinderError, ValueError) as err:
+                raise _fail(RuntimeError(f"entry {index}: {err}")) from err
+            added += new
+            updated += not new
+    finally:
+        kb.close()
+    typer.echo(f"imported {len(entries)} identities ({added} new, {updated} updated)")
+
+
+@identities_app.command("add")
+def identities_add(
+    individual_id: Annotated[str, typer.Argument(help="The individual's ID.")],
+    email: Annotated[str | None, typer.Option(help="Email for OTP delivery.")] = None,
+    phone: Annotated[str | None, typer.Option(help="Phone for OTP delivery.")] = None,
+    name: Annotated[str | None, typer.Option(help="Display name.")] = None,
+    with_pin: Annotated[
+        bool, typer.Option("--with-pin", help="Read a 6-digit PIN from the terminal or stdin.")
+    ] = False,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+    hsm_uri: HsmOpt = None,
+) -> None:
+    """Add or update one identity. The PIN is never taken on the command line."""
+    from server.app import register_identity
+    from server.errors import KeyBinderError
+
+    settings = _settings(config, data_dir, database_url, hsm_uri)
+    pin = None
+    if with_pin:
+        pin = typer.prompt("PIN", hide_input=True) if sys.stdin.isatty() else sys.stdin.readline().strip()
+    kb = _with_app(settings)
+    try:
+        new = register_identity(
+            kb.service, kb.store, individual_id=individual_id, email=email, phone=phone, name=name, pin=pin
+        )
+    except (KeyBinderError, ValueError) as err:
+        raise _fail(err) from err
+    finally:
+        kb.close()
+    typer.echo("added" if new else "updated")
+
+
+@app.command()
+def demo(
+    target: Annotated[str, typer.Option(help="Server address.")] = "127.0.0.1:50051",
+    individual_id: Annotated[str, typer.Option(help="A registered individual.")] = "1234567890",
+    partner: Annotated[str, typer.Option(help="partner-id header.")] = "demo-wallet",
+    key_type: Annotated[str, typer.Option(help="ec-p256, ec-p384, rsa-2048 or ed25519.")] = "ec-p256",
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Walk through a binding against a running server: OTP from the outbox, bind, print the certificate."""
+    from server.demo import run_demo
+
+    settings = _settings(config, data_dir, None, None)
+    sys.exit(run_demo(target, individual_id, partner, key_type, settings.outbox))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Example client: the whole binding flow against a running server, as a partner would call it."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from grpc_status import rpc_status
+from joserfc.jwk import ECKey, OKPKey, RSAKey
+
+from server.gen.keybinder.v1 import keybinder_pb2 as pb
+from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
+
+WalletPrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+
+
+def new_wallet_key(key_type: str) -> tuple[WalletPrivateKey, str]:
+    """A fresh wallet key pair and its public JWK text."""
+    key: WalletPrivateKey
+    if key_type == "ec-p256":
+        key = ec.generate_private_key(ec.SECP256R1())
+        jwk = ECKey.import_key(key.public_key()).as_dict()
+    elif key_type == "ec-p384":
+        key = ec.generate_private_key(ec.SECP384R1())
+        jwk = ECKey.import_key(key.public_key()).as_dict()
+    elif key_type == "rsa-2048":
+        key = rsa.generate_private_key(65537, 2048)
+        jwk = RSAKey.import_key(key.public_key()).as_dict()
+    elif key_type == "ed25519":
+        key = ed25519.Ed25519PrivateKey.generate()
+        jwk = OKPKey.import_key(key.public_key()).as_dict()
+    else:
+        raise ValueError(f"unknown key type {key_type!r}")
+    return key, json.dumps(jwk)
+
+
+def read_otp(outbox: Path, transaction_id: str, timeout_seconds: float = 5.0) -> str:
+    """The OTP the outbox notifier wrote for ``transaction_id``."""
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        if outbox.exists():
+            for line in reversed(outbox.read_text().splitlines()):
+                message = json.loads(line)
+                if message["transaction_id"] == transaction_id:
+                    return str(message["otp"])
+        time.sleep(0.05)
+    raise LookupError(f"no OTP for transaction {transaction_id} in {outbox}")
+
+
+def run_demo(target: str, individual_id: str, partner: str, key_type: str, outbox: Path) -> int:
+    metadata = (("partner-id", partner),)
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.KeyBinderServiceStub(channel)
+        try:
+            formats = stub.GetSupportedChallengeFormats(
+                pb.GetSupportedChallengeFormatsRequest(auth_factor_type="OTP"), metadata=metadata
+            )
+            print(f"1. OTP challenge formats: {list(formats.formats)}")
+            sent = stub.SendBindingOtp(
+                pb.SendBindingOtpRequest(individual_id=individual_id, otp_channels=["email", "phone"]),
+                metadata=metadata,
+            )
+            print(f"2. OTP sent to {sent.masked_email} and {sent.masked_mobile} (transaction {sent.transaction_id})")
+            otp = read_otp(outbox, sent.transaction_id)
+            print(f"3. read the OTP from {outbox}")
+            _, jwk = new_wallet_key(key_type)
+            bound = stub.DoKeyBinding(
+                pb.DoKeyBindingRequest(
+                    individual_id=individual_id,
+                    challenges=[pb.AuthChallenge(auth_factor_type="OTP", format="alpha-numeric", challenge=otp)],
+                    public_key_jwk=jwk,
+                    bind_auth_factor_type="WLA",
+                ),
+                metadata=metadata,
+            )
+        except grpc.RpcError as err:
+            status = rpc_status.from_call(err)
+            print(f"failed: {err.code()} {err.details()} {status.details if status else ''}")
+            return 1
+    cert = x509.load_pem_x509_certificate(bound.certificate.encode())
+    print(f"4. bound a new {key_type} wallet key:")
+    print(f"   subject     {cert.subject.rfc4514_string()}")
+    print(f"   issuer      {cert.issuer.rfc4514_string()}")
+    print(f"   serial      {cert.serial_number:x}")
+    print(f"   valid until {bound.expires_at.ToDatetime().isoformat()}Z")
+    print(f"   x5t#S256    {bound.thumbprint}")
+    print(bound.certificate, end="")
+    return 0

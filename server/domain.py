@@ -1,0 +1,80 @@
+"""Domain values: frozen records passed between the service layer and its ports."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+
+
+class BindingStatus(enum.StrEnum):
+    ACTIVE = "active"
+    SUPERSEDED = "superseded"
+
+
+class OtpChannel(enum.StrEnum):
+    EMAIL = "email"
+    PHONE = "phone"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """A registered individual. ``id_hmac`` is the only form of the ID that is stored."""
+
+    id_hmac: bytes
+    email: str | None
+    phone: str | None
+    name: str | None
+    pin_hmac: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class OtpRecord:
+    transaction_id: str
+    id_hmac: bytes
+    partner_id: str
+    otp_hmac: bytes
+    created_at: datetime
+    expires_at: datetime
+    max_attempts: int
+    attempts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    id_hmac: bytes
+    partner_id: str
+    auth_factor_type: str
+    psut: str
+    key_fingerprint: str
+    certificate_pem: str
+    cert_thumbprint: str
+    serial_hex: str
+    issuer_key_label: str
+    created_at: datetime
+    expires_at: datetime
+    status: BindingStatus = BindingStatus.ACTIVE
+    superseded_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerRecord:
+    key_label: str
+    key_kind: str
+    certificate_pem: str
+    not_after: datetime
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class OtpMessage:
+    """One OTP to deliver on one channel."""
+
+    channel: OtpChannel
+    to: str
+    transaction_id: str
+    otp: str
+    sent_at: datetime
+
+    def __repr__(self) -> str:  # the OTP must not reach logs through a repr
+        return f"OtpMessage(channel={self.channel!s}, transaction_id={self.transaction_id!r}, otp=******)"

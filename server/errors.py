@@ -1,0 +1,145 @@
+"""KeyBinder's domain errors, each carrying its eSignet reason code; the gRPC layer maps them."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Status(enum.Enum):
+    """Transport-neutral status classes; the gRPC adapter maps each to a status code."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    UNAVAILABLE = "UNAVAILABLE"
+    INTERNAL = "INTERNAL"
+
+
+class KeyBinderError(Exception):
+    """Root of the domain errors. ``str(err)`` is a sentence safe to send to the caller."""
+
+    reason: str = "key_binding_failed"
+    status: Status = Status.INTERNAL
+
+    def __init__(self, message: str, *, metadata: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        #: Extra, non-secret facts for ErrorInfo.metadata (e.g. the field at fault).
+        self.metadata = metadata or {}
+
+
+class InvalidIndividualIdError(KeyBinderError):
+    """Blank or malformed individual ID."""
+
+    reason = "invalid_individual_id"
+    status = Status.INVALID_ARGUMENT
+
+
+class InvalidOtpChannelError(KeyBinderError):
+    """OTP channel other than email/phone, or none."""
+
+    reason = "invalid_otp_channel"
+    status = Status.INVALID_ARGUMENT
+
+
+class SendOtpFailedError(KeyBinderError):
+    """Unknown individual, no contact on the channel, or delivery failed."""
+
+    reason = "send_otp_failed"
+    status = Status.FAILED_PRECONDITION
+
+
+class InvalidNoOfChallengesError(KeyBinderError):
+    """Zero or more than the allowed number of challenges."""
+
+    reason = "invalid_no_of_challenges"
+    status = Status.INVALID_ARGUMENT
+
+
+class InvalidAuthFactorTypeError(KeyBinderError):
+    """Unknown or unsupported auth factor."""
+
+    reason = "invalid_auth_factor_type"
+    status = Status.INVALID_ARGUMENT
+
+
+class InvalidChallengeFormatError(KeyBinderError):
+    """Challenge format does not match the factor."""
+
+    reason = "invalid_challenge_format"
+    status = Status.INVALID_ARGUMENT
+
+
+class InvalidChallengeError(KeyBinderError):
+    """Challenge value malformed (length, characters) or repeated factor."""
+
+    reason = "invalid_challenge"
+    status = Status.INVALID_ARGUMENT
+
+
+class InvalidBindAuthFactorTypeError(KeyBinderError):
+    """The factor to bind is missing or not allowed."""
+
+    reason = "invalid_bind_auth_factor_type"
+    status = Status.INVALID_ARGUMENT
+
+
+class InvalidPublicKeyError(KeyBinderError):
+    """JWK malformed, carries private members, weak or unsupported."""
+
+    reason = "invalid_public_key"
+    status = Status.INVALID_ARGUMENT
+
+
+class DuplicatePublicKeyError(KeyBinderError):
+    """The wallet key is already bound to another individual."""
+
+    reason = "duplicate_public_key"
+    status = Status.ALREADY_EXISTS
+
+
+class AuthFailedError(KeyBinderError):
+    """Any challenge failed; one reason for all so IDs cannot be enumerated."""
+
+    reason = "auth_failed"
+    status = Status.UNAUTHENTICATED
+
+
+class TooManyAttemptsError(KeyBinderError):
+    """Lockout or rate limit."""
+
+    reason = "too_many_attempts"
+    status = Status.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, *, retry_after_seconds: int) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class RequiredHeaderMissingError(KeyBinderError):
+    """Partner metadata missing."""
+
+    reason = "required_header_missing"
+    status = Status.UNAUTHENTICATED
+
+
+class InvalidPartnerError(KeyBinderError):
+    """Partner metadata malformed or unknown."""
+
+    reason = "invalid_partner"
+    status = Status.UNAUTHENTICATED
+
+
+class KeyBindingFailedError(KeyBinderError):
+    """Internal failure; nothing was written."""
+
+    reason = "key_binding_failed"
+    status = Status.INTERNAL
+
+
+class BackendUnavailableError(KeyBindingFailedError):
+    """The HSM or the database is unreachable: retryable, nothing was written."""
+
+    status = Status.UNAVAILABLE

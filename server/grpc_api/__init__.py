@@ -1,0 +1,1 @@
+"""gRPC adapter: proto in, service call, proto out; status mapping in one place."""

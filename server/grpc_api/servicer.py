@@ -1,0 +1,105 @@
+"""The KeyBinderService servicer: a thin async adapter over the synchronous service layer."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+import grpc
+
+from server.errors import KeyBinderError, RequiredHeaderMissingError
+from server.gen.keybinder.v1 import keybinder_pb2 as pb
+from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
+from server.grpc_api import converters
+from server.grpc_api.status import internal_status, to_status
+from server.service import KeyBinderService
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
+
+
+def partner_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "partner-id" and isinstance(value, str) and value:
+            return value
+    raise RequiredHeaderMissingError("the partner-id header is required")
+
+
+def mapped_errors(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    """Turn domain errors into their status; anything unforeseen into a generic INTERNAL."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        try:
+            return await method(self, request, context)
+        except KeyBinderError as err:
+            cause = err.__cause__
+            log.info(
+                "%s refused: %s%s",
+                method.__name__,
+                err.reason,
+                f" (cause: {type(cause).__name__}: {cause})" if cause is not None else "",
+            )
+            await context.abort_with_status(to_status(err))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if context.code() is not None:  # already aborted
+                raise
+            log.exception("%s failed unexpectedly", method.__name__)
+            await context.abort_with_status(internal_status())
+        raise AssertionError("unreachable")  # abort_with_status always raises
+
+    return wrapper
+
+
+class KeyBinderServicer(pb_grpc.KeyBinderServiceServicer):
+    def __init__(self, service: KeyBinderService, executor: Executor) -> None:
+        self.service = service
+        self.executor = executor
+
+    async def _run(self, fn: Callable[[], Resp]) -> Resp:
+        # Service calls block on the HSM and the database; keep them off the event loop.
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+
+    @mapped_errors
+    async def SendBindingOtp(  # noqa: N802 - name fixed by the proto
+        self, request: pb.SendBindingOtpRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SendBindingOtpResponse:
+        partner = partner_id(context)
+        result = await self._run(
+            lambda: self.service.send_binding_otp(partner, request.individual_id, list(request.otp_channels))
+        )
+        return converters.send_otp_to_proto(result)
+
+    @mapped_errors
+    async def DoKeyBinding(  # noqa: N802
+        self, request: pb.DoKeyBindingRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DoKeyBindingResponse:
+        partner = partner_id(context)
+        challenges = converters.challenges_from_proto(request)
+        result = await self._run(
+            lambda: self.service.do_key_binding(
+                partner,
+                request.individual_id,
+                challenges,
+                request.public_key_jwk,
+                request.bind_auth_factor_type,
+            )
+        )
+        return converters.key_binding_to_proto(result)
+
+    @mapped_errors
+    async def GetSupportedChallengeFormats(  # noqa: N802
+        self, request: pb.GetSupportedChallengeFormatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetSupportedChallengeFormatsResponse:
+        self.service.check_partner(partner_id(context))
+        formats = self.service.get_supported_challenge_formats(request.auth_factor_type)
+        return pb.GetSupportedChallengeFormatsResponse(formats=formats)

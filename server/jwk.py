@@ -1,0 +1,153 @@
+"""Wallet public keys: strict validation of a JWK into a `cryptography` public key.
+
+joserfc does the JWK parsing; the checks it leaves to the caller (private members, exact
+coordinate lengths, key strength, alg/use/key_ops consistency) are made here, before the key
+is used for anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from joserfc.errors import JoseError
+from joserfc.jwk import JWKRegistry
+
+from server.errors import InvalidPublicKeyError
+
+WalletPublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+
+MAX_JWK_BYTES = 16_384
+MIN_RSA_BITS = 2048
+MAX_RSA_BITS = 8192
+
+_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+_EC_CURVES: dict[str, tuple[type[ec.EllipticCurve], int, frozenset[str]]] = {
+    "P-256": (ec.SECP256R1, 32, frozenset({"ES256"})),
+    "P-384": (ec.SECP384R1, 48, frozenset({"ES384"})),
+}
+_RSA_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
+_OKP_ALGS = frozenset({"EdDSA", "Ed25519"})
+
+
+@dataclass(frozen=True, slots=True)
+class WalletKey:
+    """A validated wallet public key and its identity."""
+
+    public_key: WalletPublicKey
+    kty: str
+    #: SHA-256 of the SubjectPublicKeyInfo DER, hex: one value per key whatever its JWK spelling.
+    fingerprint: str
+    #: RFC 7638 JWK thumbprint (base64url SHA-256), as wallets know their key by it.
+    jwk_thumbprint: str
+
+
+def _b64(value: Any, member: str) -> bytes:
+    if not isinstance(value, str) or not value:
+        raise InvalidPublicKeyError(f"JWK member {member!r} must be a non-empty base64url string")
+    if "=" in value or "+" in value or "/" in value:
+        raise InvalidPublicKeyError(f"JWK member {member!r} is not unpadded base64url")
+    try:
+        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except (binascii.Error, ValueError) as err:
+        raise InvalidPublicKeyError(f"JWK member {member!r} is not valid base64url") from err
+
+
+def _check_use(jwk: dict[str, Any], algs: frozenset[str]) -> None:
+    alg = jwk.get("alg")
+    if alg is not None and alg not in algs:
+        raise InvalidPublicKeyError(f"JWK alg {alg!r} does not match the key type")
+    use = jwk.get("use")
+    if use is not None and use != "sig":
+        raise InvalidPublicKeyError("JWK use must be 'sig' for a wallet signing key")
+    ops = jwk.get("key_ops")
+    if ops is not None and (not isinstance(ops, list) or not ops or set(ops) - {"verify"}):
+        raise InvalidPublicKeyError("JWK key_ops may only contain 'verify'")
+
+
+def parse_wallet_jwk(text: str) -> WalletKey:
+    """Validate ``text`` as a public JWK of an accepted wallet key type, or raise."""
+    if not text or not text.strip():
+        raise InvalidPublicKeyError("the public key JWK is empty")
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_JWK_BYTES:
+        raise InvalidPublicKeyError(f"the public key JWK exceeds {MAX_JWK_BYTES} bytes")
+    try:
+        jwk = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise InvalidPublicKeyError("the public key is not valid JSON") from err
+    if not isinstance(jwk, dict):
+        raise InvalidPublicKeyError("the public key JWK must be a JSON object")
+    private = sorted(_PRIVATE_MEMBERS & jwk.keys())
+    if private:
+        raise InvalidPublicKeyError(f"the JWK carries private key members {private}; send the public key only")
+    kty = jwk.get("kty")
+    public: WalletPublicKey
+    if kty == "EC":
+        public = _ec_key(jwk)
+    elif kty == "RSA":
+        public = _rsa_key(jwk)
+    elif kty == "OKP":
+        public = _okp_key(jwk)
+    else:
+        raise InvalidPublicKeyError("unsupported JWK kty; use EC (P-256, P-384), RSA or OKP (Ed25519)")
+    try:
+        # joserfc re-parses the JWK as a whole: member registry types, use/key_ops consistency.
+        imported = JWKRegistry.import_key(jwk)
+        thumbprint = imported.thumbprint()
+    except (JoseError, ValueError, TypeError, KeyError) as err:
+        raise InvalidPublicKeyError("the public key JWK is malformed") from err
+    der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return WalletKey(public, kty, hashlib.sha256(der).hexdigest(), thumbprint)
+
+
+def _ec_key(jwk: dict[str, Any]) -> ec.EllipticCurvePublicKey:
+    crv = jwk.get("crv")
+    if crv not in _EC_CURVES:
+        raise InvalidPublicKeyError("unsupported EC curve; use P-256 or P-384")
+    curve, size, algs = _EC_CURVES[crv]
+    _check_use(jwk, algs)
+    x, y = _b64(jwk.get("x"), "x"), _b64(jwk.get("y"), "y")
+    if len(x) != size or len(y) != size:
+        raise InvalidPublicKeyError(f"EC {crv} coordinates must be {size} bytes each")
+    try:
+        # public_key() checks that the point is on the curve.
+        return ec.EllipticCurvePublicNumbers(int.from_bytes(x, "big"), int.from_bytes(y, "big"), curve()).public_key()
+    except ValueError as err:
+        raise InvalidPublicKeyError(f"the EC point is not on curve {crv}") from err
+
+
+def _rsa_key(jwk: dict[str, Any]) -> rsa.RSAPublicKey:
+    _check_use(jwk, _RSA_ALGS)
+    n_bytes, e_bytes = _b64(jwk.get("n"), "n"), _b64(jwk.get("e"), "e")
+    if n_bytes[0] == 0 or e_bytes[0] == 0:
+        raise InvalidPublicKeyError("RSA n and e must be minimal big-endian integers")
+    n, e = int.from_bytes(n_bytes, "big"), int.from_bytes(e_bytes, "big")
+    if not MIN_RSA_BITS <= n.bit_length() <= MAX_RSA_BITS:
+        raise InvalidPublicKeyError(f"RSA modulus must be {MIN_RSA_BITS} to {MAX_RSA_BITS} bits")
+    if e < 65537 or e % 2 == 0 or e.bit_length() > 256:
+        raise InvalidPublicKeyError("RSA public exponent must be odd and at least 65537")
+    if n % 2 == 0:
+        raise InvalidPublicKeyError("RSA modulus must be odd")
+    try:
+        return rsa.RSAPublicNumbers(e, n).public_key()
+    except ValueError as err:
+        raise InvalidPublicKeyError("invalid RSA public key") from err
+
+
+def _okp_key(jwk: dict[str, Any]) -> ed25519.Ed25519PublicKey:
+    if jwk.get("crv") != "Ed25519":
+        raise InvalidPublicKeyError("unsupported OKP curve; use Ed25519")
+    _check_use(jwk, _OKP_ALGS)
+    x = _b64(jwk.get("x"), "x")
+    if len(x) != 32:
+        raise InvalidPublicKeyError("Ed25519 x must be 32 bytes")
+    try:
+        return ed25519.Ed25519PublicKey.from_public_bytes(x)
+    except ValueError as err:
+        raise InvalidPublicKeyError("invalid Ed25519 public key") from err

@@ -1,0 +1,1 @@
+"""OTP delivery backends behind the `Notifier` port."""

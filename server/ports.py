@@ -1,0 +1,112 @@
+"""The service layer's ports: small Protocols that each backend module implements."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Protocol
+
+from server.certs import IssuerPrivateKey
+from server.domain import Binding, Identity, IssuerRecord, OtpMessage, OtpRecord
+
+
+class Clock(Protocol):
+    def now(self) -> datetime:
+        """The current time, tz-aware UTC."""
+        ...
+
+
+class KeyedHasher(Protocol):
+    """HMAC-SHA-256 under a secret key that never leaves the HSM.
+
+    ``purpose`` separates domains (ID, PSUT, OTP, PIN) so that one key never yields the same
+    MAC for two meanings; the parts are length-prefixed so that no two tuples collide.
+    """
+
+    def mac(self, purpose: str, *parts: str | bytes) -> bytes: ...
+
+
+class IssuerKeys(Protocol):
+    """Access to issuer signing keys held in the HSM."""
+
+    def signer(self, key_label: str) -> IssuerPrivateKey: ...
+
+
+class IdentityStore(Protocol):
+    def upsert_identity(self, identity: Identity) -> bool:
+        """Insert or replace; True when the identity is new."""
+        ...
+
+    def get_identity(self, id_hmac: bytes) -> Identity | None: ...
+
+
+class OtpStore(Protocol):
+    def replace_otp(self, otp: OtpRecord) -> None:
+        """Store ``otp`` and invalidate every other outstanding OTP of that individual and partner."""
+        ...
+
+    def discard_otp(self, transaction_id: str) -> None: ...
+
+    def claim_otp_attempt(self, id_hmac: bytes, partner_id: str, now: datetime) -> OtpRecord | None:
+        """Atomically count one verification attempt against the latest usable OTP.
+
+        Returns the OTP (with the attempt counted) or None when there is none that is unused,
+        unexpired and under its attempt limit.
+        """
+        ...
+
+
+class BindingStore(Protocol):
+    def key_owner(self, key_fingerprint: str) -> bytes | None:
+        """The ID-HMAC the wallet key is bound to, if any."""
+        ...
+
+    def commit_binding(self, binding: Binding, *, consume_otp: str | None, now: datetime) -> None:
+        """In one transaction: mark the OTP used (if given), supersede the active binding for
+        (individual, partner, factor), and insert ``binding``. Raises ``OtpAlreadyUsed`` or
+        ``KeyOwnedByOther`` and writes nothing when a check fails."""
+        ...
+
+    def bindings_for(self, id_hmac: bytes, partner_id: str) -> Sequence[Binding]: ...
+
+
+class IssuerStore(Protocol):
+    def add_issuer(self, issuer: IssuerRecord) -> None: ...
+
+    def issuers(self) -> Sequence[IssuerRecord]:
+        """Every issuer, newest first."""
+        ...
+
+
+class Notifier(Protocol):
+    def send(self, message: OtpMessage) -> None:
+        """Deliver or raise ``DeliveryFailed``."""
+        ...
+
+
+class StoreConflict(Exception):
+    """Base of the checks a store transaction makes atomically."""
+
+
+class OtpAlreadyUsed(StoreConflict):
+    """The OTP was consumed (or replaced) by a concurrent request."""
+
+
+class KeyOwnedByOther(StoreConflict):
+    """The wallet key is bound to another individual."""
+
+
+class DeliveryFailed(Exception):
+    """A notifier could not deliver a message."""
+
+
+class BackendUnavailable(Exception):
+    """The HSM or the database cannot be reached right now: retryable, nothing was written."""
+
+
+class StoreUnavailable(BackendUnavailable):
+    """The database cannot be reached or is locked beyond the timeout."""
+
+
+class BackendFailure(Exception):
+    """A backend failed in a way retrying will not fix (misconfiguration, missing key)."""

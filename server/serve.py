@@ -1,0 +1,96 @@
+"""The gRPC server process: grpc.aio front, blocking service calls on a thread pool."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from server.app import App, build_app
+from server.config import Settings
+from server.gen.keybinder.v1 import keybinder_pb2 as pb
+from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
+from server.grpc_api.servicer import KeyBinderServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KeyBinderService"].full_name
+#: The largest request we parse; a JWK is at most 16 KiB and five challenges at most ~40 KiB.
+MAX_REQUEST_BYTES = 128 * 1024
+
+
+class Server:
+    """One serving process: owns its App (HSM login, DB), executor and grpc.aio server."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app: App | None = None
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._executor = ThreadPoolExecutor(settings.rpc_threads, thread_name_prefix="keybinder-rpc")
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> int:
+        self.app = build_app(self.settings)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+                # gRPC enables SO_REUSEPORT by default; a second server on the same port must fail
+                # loudly rather than silently share it.
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_KeyBinderServiceServicer_to_server(KeyBinderServicer(self.app.service, self._executor), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        host, port = self.settings.host_port
+        bound: int = server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise OSError(f"cannot listen on {host}:{port}")
+        await server.start()
+        self._server = server
+        self.port = bound
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("listening on %s:%d", host, bound)
+        return bound
+
+    async def stop(self) -> None:
+        """Stop taking RPCs, let in-flight ones finish within the grace period, release all."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        await self._health.enter_graceful_shutdown()
+        await server.stop(self.settings.shutdown_grace_seconds)
+        self._executor.shutdown(wait=True)
+        if self.app is not None:
+            self.app.close()
+        self._stopped.set()
+        log.info("stopped")
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(settings: Settings, on_ready: Callable[[int], None] | None = None) -> None:
+    server = Server(settings)
+    port = await server.start()
+    if on_ready is not None:
+        on_ready(port)
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    await stop_requested.wait()
+    log.info("shutting down (grace %.1fs)", settings.shutdown_grace_seconds)
+    await server.stop()

@@ -1,0 +1,338 @@
+"""The service layer: eSignet's KeyBinder operations over the ports, free of gRPC and PKCS#11."""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import logging
+import re
+import secrets
+import string
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TypeVar
+
+from cryptography import x509
+
+from server.certs import Issuer, issue_wallet_certificate, to_pem, x5t_s256
+from server.challenges import OTP_LENGTH, Challenge, supported_formats, validate_challenges
+from server.domain import Binding, Identity, OtpChannel, OtpMessage, OtpRecord
+from server.errors import (
+    AuthFailedError,
+    BackendUnavailableError,
+    DuplicatePublicKeyError,
+    InvalidBindAuthFactorTypeError,
+    InvalidIndividualIdError,
+    InvalidOtpChannelError,
+    InvalidPartnerError,
+    KeyBinderError,
+    KeyBindingFailedError,
+    SendOtpFailedError,
+)
+from server.jwk import parse_wallet_jwk
+from server.ports import (
+    BackendFailure,
+    BackendUnavailable,
+    BindingStore,
+    Clock,
+    DeliveryFailed,
+    IdentityStore,
+    IssuerKeys,
+    IssuerStore,
+    KeyedHasher,
+    KeyOwnedByOther,
+    Notifier,
+    OtpAlreadyUsed,
+    OtpStore,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+OTP_ALPHABET = string.ascii_uppercase + string.digits
+PARTNER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+DEFAULT_INDIVIDUAL_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}"
+
+# MAC purposes: one HSM key, one label per meaning.
+MAC_ID = "individual-id"
+MAC_PSUT = "psut"
+MAC_OTP = "otp"
+MAC_PIN = "pin"
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Tunable behaviour of the service; every unit is in the name."""
+
+    otp_ttl_seconds: int = 180
+    otp_max_attempts: int = 3
+    cert_validity_days: int = 365
+    bind_auth_factor_types: frozenset[str] = frozenset({"WLA"})
+    challenge_factors: frozenset[str] = frozenset({"OTP", "PIN"})
+    individual_id_pattern: str = DEFAULT_INDIVIDUAL_ID_PATTERN
+
+
+@dataclass(frozen=True, slots=True)
+class SendOtpResult:
+    transaction_id: str
+    masked_email: str
+    masked_mobile: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyBindingResult:
+    certificate_pem: str
+    psut: str
+    expires_at: datetime
+    thumbprint: str
+    certificate: x509.Certificate = field(repr=False)
+
+
+def mask_email(email: str) -> str:
+    local, _, domain = email.partition("@")
+    return f"{local[:1]}***@{domain}"
+
+
+def mask_phone(phone: str) -> str:
+    digits = phone.strip()
+    return "*" * max(len(digits) - 4, 0) + digits[-4:]
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+class KeyBinderService:
+    def __init__(
+        self,
+        *,
+        policy: Policy,
+        clock: Clock,
+        hasher: KeyedHasher,
+        issuer_keys: IssuerKeys,
+        identities: IdentityStore,
+        otps: OtpStore,
+        bindings: BindingStore,
+        issuers: IssuerStore,
+        notifier: Notifier,
+    ) -> None:
+        self.policy = policy
+        self.clock = clock
+        self.hasher = hasher
+        self.issuer_keys = issuer_keys
+        self.identities = identities
+        self.otps = otps
+        self.bindings = bindings
+        self.issuers = issuers
+        self.notifier = notifier
+        self._id_pattern = re.compile(policy.individual_id_pattern)
+        self._issuer: Issuer | None = None
+
+    # -- validation helpers ---------------------------------------------------------------
+
+    def check_partner(self, partner_id: str) -> str:
+        if not PARTNER_ID_PATTERN.fullmatch(partner_id):
+            raise InvalidPartnerError("the partner-id header is malformed")
+        return partner_id
+
+    def check_individual_id(self, individual_id: str) -> str:
+        if not individual_id or not individual_id.strip():
+            raise InvalidIndividualIdError("the individual ID is blank")
+        if not self._id_pattern.fullmatch(individual_id):
+            raise InvalidIndividualIdError("the individual ID is malformed")
+        return individual_id
+
+    def id_hmac(self, individual_id: str) -> bytes:
+        return self._backend(lambda: self.hasher.mac(MAC_ID, individual_id))
+
+    def pin_hmac(self, id_hmac: bytes, pin: str) -> bytes:
+        return self._backend(lambda: self.hasher.mac(MAC_PIN, id_hmac, pin))
+
+    @staticmethod
+    def _backend(call: Callable[[], T]) -> T:
+        """Run a port call, turning backend failures into the API's retryable/internal errors."""
+        try:
+            return call()
+        except BackendUnavailable as err:
+            raise BackendUnavailableError("a backend (HSM or database) is unavailable; retry later") from err
+        except BackendFailure as err:
+            raise KeyBindingFailedError("key binding failed") from err
+
+    # -- GetSupportedChallengeFormats ----------------------------------------------------
+
+    def get_supported_challenge_formats(self, auth_factor_type: str) -> list[str]:
+        return supported_formats(auth_factor_type, self.policy.challenge_factors)
+
+    # -- SendBindingOtp -------------------------------------------------------------------
+
+    def send_binding_otp(self, partner_id: str, individual_id: str, channels: Sequence[str]) -> SendOtpResult:
+        self.check_partner(partner_id)
+        self.check_individual_id(individual_id)
+        wanted = self._parse_channels(channels)
+        id_hmac = self.id_hmac(individual_id)
+        identity = self._backend(lambda: self.identities.get_identity(id_hmac))
+        if identity is None:
+            raise SendOtpFailedError("cannot send an OTP to this individual")
+        targets = self._targets(identity, wanted)
+
+        now = self.clock.now()
+        transaction_id = secrets.token_urlsafe(24)
+        otp = "".join(secrets.choice(OTP_ALPHABET) for _ in range(OTP_LENGTH))
+        record = OtpRecord(
+            transaction_id=transaction_id,
+            id_hmac=id_hmac,
+            partner_id=partner_id,
+            otp_hmac=self._backend(lambda: self.hasher.mac(MAC_OTP, transaction_id, otp)),
+            created_at=now,
+            expires_at=now + timedelta(seconds=self.policy.otp_ttl_seconds),
+            max_attempts=self.policy.otp_max_attempts,
+        )
+        self._backend(lambda: self.otps.replace_otp(record))
+        try:
+            for channel, address in targets:
+                self.notifier.send(OtpMessage(channel, address, transaction_id, otp, now))
+        except DeliveryFailed as err:
+            # An OTP nobody received must not stay usable.
+            self._backend(lambda: self.otps.discard_otp(transaction_id))
+            raise SendOtpFailedError("the OTP could not be delivered") from err
+        return SendOtpResult(
+            transaction_id=transaction_id,
+            masked_email=next((mask_email(a) for c, a in targets if c is OtpChannel.EMAIL), ""),
+            masked_mobile=next((mask_phone(a) for c, a in targets if c is OtpChannel.PHONE), ""),
+        )
+
+    @staticmethod
+    def _parse_channels(channels: Sequence[str]) -> list[OtpChannel]:
+        if not channels:
+            raise InvalidOtpChannelError("at least one OTP channel (email, phone) is required")
+        wanted: list[OtpChannel] = []
+        for name in channels:
+            try:
+                channel = OtpChannel(name.lower())
+            except ValueError:
+                raise InvalidOtpChannelError("OTP channels must be 'email' or 'phone'") from None
+            if channel not in wanted:
+                wanted.append(channel)
+        return wanted
+
+    @staticmethod
+    def _targets(identity: Identity, wanted: list[OtpChannel]) -> list[tuple[OtpChannel, str]]:
+        targets: list[tuple[OtpChannel, str]] = []
+        for channel in wanted:
+            address = identity.email if channel is OtpChannel.EMAIL else identity.phone
+            if not address:
+                raise SendOtpFailedError(f"the individual has no registered {channel.value} contact")
+            targets.append((channel, address))
+        return targets
+
+    # -- DoKeyBinding ---------------------------------------------------------------------
+
+    def do_key_binding(
+        self,
+        partner_id: str,
+        individual_id: str,
+        challenges: Sequence[Challenge],
+        public_key_jwk: str,
+        bind_auth_factor_type: str,
+    ) -> KeyBindingResult:
+        # Everything that can be checked without a secret is checked before any is touched.
+        self.check_partner(partner_id)
+        self.check_individual_id(individual_id)
+        validate_challenges(challenges, self.policy.challenge_factors)
+        if bind_auth_factor_type not in self.policy.bind_auth_factor_types:
+            raise InvalidBindAuthFactorTypeError(
+                f"bind_auth_factor_type must be one of {sorted(self.policy.bind_auth_factor_types)}"
+            )
+        wallet = parse_wallet_jwk(public_key_jwk)
+
+        id_hmac = self.id_hmac(individual_id)
+        identity = self._backend(lambda: self.identities.get_identity(id_hmac))
+        consumed_otp = self._verify(identity, id_hmac, partner_id, challenges)
+
+        owner = self._backend(lambda: self.bindings.key_owner(wallet.fingerprint))
+        if owner is not None and owner != id_hmac:
+            raise DuplicatePublicKeyError("this public key is already bound to another individual")
+
+        psut = b64url(self._backend(lambda: self.hasher.mac(MAC_PSUT, partner_id, individual_id)))
+        now = self.clock.now()
+        issuer = self._active_issuer(now)
+        try:
+            cert = self._backend(
+                lambda: issue_wallet_certificate(
+                    issuer,
+                    wallet.public_key,
+                    psut=psut,
+                    now=now,
+                    validity=timedelta(days=self.policy.cert_validity_days),
+                )
+            )
+        except KeyBinderError:
+            raise
+        except Exception as err:
+            log.exception("certificate issuance failed")
+            raise KeyBindingFailedError("key binding failed") from err
+        thumbprint = x5t_s256(cert)
+        binding = Binding(
+            id_hmac=id_hmac,
+            partner_id=partner_id,
+            auth_factor_type=bind_auth_factor_type,
+            psut=psut,
+            key_fingerprint=wallet.fingerprint,
+            certificate_pem=to_pem(cert),
+            cert_thumbprint=thumbprint,
+            serial_hex=format(cert.serial_number, "x"),
+            issuer_key_label=issuer.key_label,
+            created_at=now,
+            expires_at=cert.not_valid_after_utc,
+        )
+        try:
+            self._backend(lambda: self.bindings.commit_binding(binding, consume_otp=consumed_otp, now=now))
+        except OtpAlreadyUsed as err:
+            raise AuthFailedError("authentication failed") from err
+        except KeyOwnedByOther as err:
+            raise DuplicatePublicKeyError("this public key is already bound to another individual") from err
+        return KeyBindingResult(binding.certificate_pem, psut, binding.expires_at, thumbprint, cert)
+
+    def _verify(
+        self, identity: Identity | None, id_hmac: bytes, partner_id: str, challenges: Sequence[Challenge]
+    ) -> str | None:
+        """Verify every challenge; returns the OTP transaction to consume on success."""
+        failed = identity is None
+        consumed: str | None = None
+        for ch in challenges:
+            if ch.auth_factor_type == "OTP":
+                record = self._backend(lambda: self.otps.claim_otp_attempt(id_hmac, partner_id, self.clock.now()))
+                if record is None:
+                    failed = True
+                    continue
+                expected = record.otp_hmac
+                given = self._backend(lambda r=record, c=ch: self.hasher.mac(MAC_OTP, r.transaction_id, c.challenge))  # type: ignore[misc]
+                if hmac.compare_digest(expected, given):
+                    consumed = record.transaction_id
+                else:
+                    failed = True
+            elif ch.auth_factor_type == "PIN":
+                given = self.pin_hmac(id_hmac, ch.challenge)
+                stored = identity.pin_hmac if identity is not None else None
+                if stored is None or not hmac.compare_digest(stored, given):
+                    failed = True
+            else:  # validate_challenges admits only enabled factors; a verifier must exist for each.
+                failed = True
+        if failed:
+            raise AuthFailedError("authentication failed")
+        return consumed
+
+    def _active_issuer(self, now: datetime) -> Issuer:
+        cached = self._issuer
+        if cached is not None and cached.certificate.not_valid_after_utc > now:
+            return cached
+        records = self._backend(lambda: list(self.issuers.issuers()))
+        for record in records:
+            if record.not_after > now:
+                cert = x509.load_pem_x509_certificate(record.certificate_pem.encode())
+                signer = self._backend(lambda r=record: self.issuer_keys.signer(r.key_label))  # type: ignore[misc]
+                self._issuer = Issuer(record.key_label, cert, signer)
+                return self._issuer
+        log.error("no unexpired issuer certificate; run `keybinder init`")
+        raise KeyBindingFailedError("key binding failed: no usable issuer")

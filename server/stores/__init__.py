@@ -1,0 +1,1 @@
+"""Persistence backends behind the ports in `server.ports`, chosen by database URL."""

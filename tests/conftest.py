@@ -1,0 +1,191 @@
+"""Shared fixtures: a SoftHSM token and database per test session, and the real gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from server.app import App, initialise, register_identity
+from server.config import DEFAULT_MODULE, Settings, load_settings
+from server.demo import read_otp
+from server.gen.keybinder.v1 import keybinder_pb2 as pb
+from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
+from server.serve import Server
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+SOFTHSM_MODULE = os.environ.get("PKCS11_MODULE", DEFAULT_MODULE)
+
+
+def require(condition: bool, what: str) -> None:
+    """Skip when a real component is missing on a developer machine; fail under CI=true."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"{what} is required under CI=true", pytrace=False)
+    pytest.skip(f"{what} not available")
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """A fresh data directory (token, PINs, database) for this test session, initialised once."""
+    require(Path(SOFTHSM_MODULE).exists(), f"SoftHSM2 ({SOFTHSM_MODULE})")
+    data_dir = tmp_path_factory.mktemp("keybinder-data")
+    # The token folder must be chosen before anything in this process loads SoftHSM.
+    os.environ.pop("SOFTHSM2_CONF", None)
+    cfg = load_settings(data_dir=data_dir, otp_ttl_seconds=60)
+    initialise(cfg)
+    return cfg
+
+
+@dataclass
+class RunningServer:
+    server: Server
+    port: int
+    channel: grpc.Channel
+    stub: pb_grpc.KeyBinderServiceStub
+
+    @property
+    def app(self) -> App:
+        assert self.server.app is not None
+        return self.server.app
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def start_server(settings: Settings) -> tuple[Server, int, Callable[[], None]]:
+    """Run a real grpc.aio server on port 0 in a background thread; returns a stop function."""
+    loop = asyncio.new_event_loop()
+    server = Server(settings.model_copy(update={"listen": "127.0.0.1:0"}))
+    started: dict[str, Any] = {}
+    ready = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            started["port"] = loop.run_until_complete(server.start())
+        except BaseException as err:  # surfaced to the caller below
+            started["error"] = err
+        ready.set()
+        if "port" in started:
+            loop.run_forever()
+
+    thread = threading.Thread(target=run, name="keybinder-test-server", daemon=True)
+    thread.start()
+    ready.wait(30)
+    if "error" in started:
+        raise started["error"]
+
+    def stop() -> None:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+        loop.close()
+
+    return server, int(started["port"]), stop
+
+
+@pytest.fixture(scope="session")
+def kb(settings: Settings) -> Iterator[RunningServer]:
+    server, port, stop = start_server(settings)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield RunningServer(server, port, channel, pb_grpc.KeyBinderServiceStub(channel))
+    finally:
+        channel.close()
+        stop()
+
+
+PARTNER = "test-wallet"
+
+
+def md(partner: str | None = PARTNER) -> tuple[tuple[str, str], ...]:
+    return () if partner is None else (("partner-id", partner),)
+
+
+@dataclass(frozen=True)
+class Person:
+    individual_id: str
+    email: str
+    phone: str
+    pin: str
+
+
+@pytest.fixture
+def person(kb: RunningServer) -> Person:
+    """A newly registered individual, unique to the test, with a PIN."""
+    p = Person(
+        individual_id=f"{secrets.randbelow(10**12):012d}",
+        email=f"user{secrets.token_hex(3)}@example.org",
+        phone=f"+4915{secrets.randbelow(10**8):08d}",
+        pin=f"{secrets.randbelow(10**6):06d}",
+    )
+    register_identity(
+        kb.app.service, kb.app.store, individual_id=p.individual_id, email=p.email, phone=p.phone, name="T", pin=p.pin
+    )
+    return p
+
+
+def send_otp(kb: RunningServer, person: Person, partner: str = PARTNER) -> tuple[str, str]:
+    """Send a binding OTP and read it from the outbox: (transaction_id, otp)."""
+    resp = kb.stub.SendBindingOtp(
+        pb.SendBindingOtpRequest(individual_id=person.individual_id, otp_channels=["email"]), metadata=md(partner)
+    )
+    return resp.transaction_id, read_otp(kb.app.settings.outbox, resp.transaction_id)
+
+
+def otp_challenge(otp: str) -> pb.AuthChallenge:
+    return pb.AuthChallenge(auth_factor_type="OTP", format="alpha-numeric", challenge=otp)
+
+
+def pin_challenge(pin: str) -> pb.AuthChallenge:
+    return pb.AuthChallenge(auth_factor_type="PIN", format="number", challenge=pin)
+
+
+def bind_request(
+    person: Person, jwk: str, *challenges: pb.AuthChallenge, factor: str = "WLA"
+) -> pb.DoKeyBindingRequest:
+    return pb.DoKeyBindingRequest(
+        individual_id=person.individual_id,
+        challenges=list(challenges),
+        public_key_jwk=jwk,
+        bind_auth_factor_type=factor,
+    )
+
+
+@dataclass(frozen=True)
+class RpcFailure:
+    code: grpc.StatusCode
+    reason: str
+    domain: str
+    message: str
+    metadata: dict[str, str]
+
+
+def failure(call: Callable[[], object]) -> RpcFailure:
+    """Run an RPC that must fail; return its status code and ErrorInfo as the client sees them."""
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    err = info.value
+    status = rpc_status.from_call(err)
+    assert status is not None, "the error carries no google.rpc.Status details"
+    infos = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            ei = error_details_pb2.ErrorInfo()
+            detail.Unpack(ei)
+            infos.append(ei)
+    assert len(infos) == 1, "exactly one ErrorInfo expected"
+    return RpcFailure(err.code(), infos[0].reason, infos[0].domain, err.details(), dict(infos[0].metadata))
