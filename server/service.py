@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hmac
 import logging
 import re
@@ -11,7 +12,7 @@ import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TypeVar
+from typing import ParamSpec, TypeVar
 
 from cryptography import x509
 
@@ -49,6 +50,7 @@ from server.ports import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+P = ParamSpec("P")
 
 OTP_ALPHABET = string.ascii_uppercase + string.digits
 PARTNER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
@@ -103,6 +105,21 @@ def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+def backend_errors(method: Callable[P, T]) -> Callable[P, T]:
+    """Turn a port's backend failure into the API's retryable (UNAVAILABLE) or internal error."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return method(*args, **kwargs)
+        except BackendUnavailable as err:
+            raise BackendUnavailableError("a backend (HSM or database) is unavailable; retry later") from err
+        except BackendFailure as err:
+            raise KeyBindingFailedError("key binding failed") from err
+
+    return wrapper
+
+
 class KeyBinderService:
     def __init__(
         self,
@@ -143,21 +160,13 @@ class KeyBinderService:
             raise InvalidIndividualIdError("the individual ID is malformed")
         return individual_id
 
+    @backend_errors
     def id_hmac(self, individual_id: str) -> bytes:
-        return self._backend(lambda: self.hasher.mac(MAC_ID, individual_id))
+        return self.hasher.mac(MAC_ID, individual_id)
 
+    @backend_errors
     def pin_hmac(self, id_hmac: bytes, pin: str) -> bytes:
-        return self._backend(lambda: self.hasher.mac(MAC_PIN, id_hmac, pin))
-
-    @staticmethod
-    def _backend(call: Callable[[], T]) -> T:
-        """Run a port call, turning backend failures into the API's retryable/internal errors."""
-        try:
-            return call()
-        except BackendUnavailable as err:
-            raise BackendUnavailableError("a backend (HSM or database) is unavailable; retry later") from err
-        except BackendFailure as err:
-            raise KeyBindingFailedError("key binding failed") from err
+        return self.hasher.mac(MAC_PIN, id_hmac, pin)
 
     # -- GetSupportedChallengeFormats ----------------------------------------------------
 
@@ -166,12 +175,13 @@ class KeyBinderService:
 
     # -- SendBindingOtp -------------------------------------------------------------------
 
+    @backend_errors
     def send_binding_otp(self, partner_id: str, individual_id: str, channels: Sequence[str]) -> SendOtpResult:
         self.check_partner(partner_id)
         self.check_individual_id(individual_id)
         wanted = self._parse_channels(channels)
         id_hmac = self.id_hmac(individual_id)
-        identity = self._backend(lambda: self.identities.get_identity(id_hmac))
+        identity = self.identities.get_identity(id_hmac)
         if identity is None:
             raise SendOtpFailedError("cannot send an OTP to this individual")
         targets = self._targets(identity, wanted)
@@ -183,18 +193,18 @@ class KeyBinderService:
             transaction_id=transaction_id,
             id_hmac=id_hmac,
             partner_id=partner_id,
-            otp_hmac=self._backend(lambda: self.hasher.mac(MAC_OTP, transaction_id, otp)),
+            otp_hmac=self.hasher.mac(MAC_OTP, transaction_id, otp),
             created_at=now,
             expires_at=now + timedelta(seconds=self.policy.otp_ttl_seconds),
             max_attempts=self.policy.otp_max_attempts,
         )
-        self._backend(lambda: self.otps.replace_otp(record))
+        self.otps.replace_otp(record)
         try:
             for channel, address in targets:
                 self.notifier.send(OtpMessage(channel, address, transaction_id, otp, now))
         except DeliveryFailed as err:
             # An OTP nobody received must not stay usable.
-            self._backend(lambda: self.otps.discard_otp(transaction_id))
+            self.otps.discard_otp(transaction_id)
             raise SendOtpFailedError("the OTP could not be delivered") from err
         return SendOtpResult(
             transaction_id=transaction_id,
@@ -228,6 +238,7 @@ class KeyBinderService:
 
     # -- DoKeyBinding ---------------------------------------------------------------------
 
+    @backend_errors
     def do_key_binding(
         self,
         partner_id: str,
@@ -247,27 +258,25 @@ class KeyBinderService:
         wallet = parse_wallet_jwk(public_key_jwk)
 
         id_hmac = self.id_hmac(individual_id)
-        identity = self._backend(lambda: self.identities.get_identity(id_hmac))
+        identity = self.identities.get_identity(id_hmac)
         consumed_otp = self._verify(identity, id_hmac, partner_id, challenges)
 
-        owner = self._backend(lambda: self.bindings.key_owner(wallet.fingerprint))
+        owner = self.bindings.key_owner(wallet.fingerprint)
         if owner is not None and owner != id_hmac:
             raise DuplicatePublicKeyError("this public key is already bound to another individual")
 
-        psut = b64url(self._backend(lambda: self.hasher.mac(MAC_PSUT, partner_id, individual_id)))
+        psut = b64url(self.hasher.mac(MAC_PSUT, partner_id, individual_id))
         now = self.clock.now()
         issuer = self._active_issuer(now)
         try:
-            cert = self._backend(
-                lambda: issue_wallet_certificate(
-                    issuer,
-                    wallet.public_key,
-                    psut=psut,
-                    now=now,
-                    validity=timedelta(days=self.policy.cert_validity_days),
-                )
+            cert = issue_wallet_certificate(
+                issuer,
+                wallet.public_key,
+                psut=psut,
+                now=now,
+                validity=timedelta(days=self.policy.cert_validity_days),
             )
-        except KeyBinderError:
+        except (KeyBinderError, BackendUnavailable, BackendFailure):
             raise
         except Exception as err:
             log.exception("certificate issuance failed")
@@ -287,7 +296,7 @@ class KeyBinderService:
             expires_at=cert.not_valid_after_utc,
         )
         try:
-            self._backend(lambda: self.bindings.commit_binding(binding, consume_otp=consumed_otp, now=now))
+            self.bindings.commit_binding(binding, consume_otp=consumed_otp, now=now)
         except OtpAlreadyUsed as err:
             raise AuthFailedError("authentication failed") from err
         except KeyOwnedByOther as err:
@@ -302,12 +311,12 @@ class KeyBinderService:
         consumed: str | None = None
         for ch in challenges:
             if ch.auth_factor_type == "OTP":
-                record = self._backend(lambda: self.otps.claim_otp_attempt(id_hmac, partner_id, self.clock.now()))
+                record = self.otps.claim_otp_attempt(id_hmac, partner_id, self.clock.now())
                 if record is None:
                     failed = True
                     continue
                 expected = record.otp_hmac
-                given = self._backend(lambda r=record, c=ch: self.hasher.mac(MAC_OTP, r.transaction_id, c.challenge))  # type: ignore[misc]
+                given = self.hasher.mac(MAC_OTP, record.transaction_id, ch.challenge)
                 if hmac.compare_digest(expected, given):
                     consumed = record.transaction_id
                 else:
@@ -327,11 +336,11 @@ class KeyBinderService:
         cached = self._issuer
         if cached is not None and cached.certificate.not_valid_after_utc > now:
             return cached
-        records = self._backend(lambda: list(self.issuers.issuers()))
+        records = list(self.issuers.issuers())
         for record in records:
             if record.not_after > now:
                 cert = x509.load_pem_x509_certificate(record.certificate_pem.encode())
-                signer = self._backend(lambda r=record: self.issuer_keys.signer(r.key_label))  # type: ignore[misc]
+                signer = self.issuer_keys.signer(record.key_label)
                 self._issuer = Issuer(record.key_label, cert, signer)
                 return self._issuer
         log.error("no unexpired issuer certificate; run `keybinder init`")
