@@ -54,7 +54,15 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     identities = path.parent / "identities.json"
     identities.write_text(
         json.dumps(
-            [{"individual_id": DEMO_ID, "email": "bob@example.net", "phone": "5550001234", "pin": "135790", "name": "B"}]
+            [
+                {
+                    "individual_id": DEMO_ID,
+                    "email": "bob@example.net",
+                    "phone": "5550001234",
+                    "pin": "135790",
+                    "name": "B",
+                }
+            ]
         )
     )
     result = kb_cli("identities", "import", str(identities), data_dir=path)

@@ -68,7 +68,7 @@ def test_hsm_uri_setting(tmp_path: Path) -> None:
 
 
 def test_listen_parsing(tmp_path: Path) -> None:
-    assert load_settings(data_dir=tmp_path, listen="0.0.0.0:9000").host_port == ("0.0.0.0", 9000)
+    assert load_settings(data_dir=tmp_path, listen="0.0.0.0:9000").host_port == ("0.0.0.0", 9000)  # noqa: S104
     assert load_settings(data_dir=tmp_path, listen="[::1]:9001").host_port == ("::1", 9001)
 
 
