@@ -13,8 +13,11 @@ import typer
 
 from server.config import Settings, load_settings
 
+# Rich tracebacks with locals would print PINs and OTPs held in local variables.
 app = typer.Typer(
-    help="KeyBinder: bind individuals' IDs to wallet keys with HSM-signed certificates.", no_args_is_help=True
+    help="KeyBinder: bind individuals' IDs to wallet keys with HSM-signed certificates.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
 )
 issuer_app = typer.Typer(help="Issuer certificates.", no_args_is_help=True)
 identities_app = typer.Typer(help="The identity registry.", no_args_is_help=True)

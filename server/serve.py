@@ -54,9 +54,16 @@ class Server:
             server,
         )
         host, port = self.settings.host_port
-        bound: int = server.add_insecure_port(f"{host}:{port}")
+        try:
+            bound: int = server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as err:  # grpc.aio raises where the sync server returns 0
+            bound = 0
+            cause: Exception | None = err
+        else:
+            cause = None
         if bound == 0:
-            raise OSError(f"cannot listen on {host}:{port}")
+            self.app.close()
+            raise OSError(f"cannot listen on {host}:{port} (address in use or not available)") from cause
         await server.start()
         self._server = server
         self.port = bound
