@@ -110,6 +110,9 @@ class Pkcs11KeyManager:
         return found[0]
 
     def exists(self, label: str, object_class: str = "private") -> bool:
+        if object_class not in _CLASSES:
+            raise HsmError(f"unknown object class {object_class!r}")
+
         def op(session: pkcs11.Session) -> bool:
             objs = session.get_objects({Attribute.LABEL: label, Attribute.CLASS: _CLASSES[object_class]})
             return any(True for _ in objs)
@@ -228,6 +231,9 @@ class Pkcs11KeyManager:
         return signer_for(public, lambda mechanism, data: self.sign_raw(label, mechanism, data))
 
     def key_info(self, label: str, object_class: str = "private") -> KeyInfo:
+        if object_class not in ("private", "secret"):
+            raise HsmError("protection attributes exist only for private and secret keys")
+
         def op(session: pkcs11.Session) -> KeyInfo:
             obj = self._find(session, label, _CLASSES[object_class])
             attrs = obj.get_attributes(

@@ -11,6 +11,7 @@ import ctypes
 from pathlib import Path
 
 from hsm.errors import HsmError, TokenNotFoundError
+from hsm.session import module_lock
 
 CKF_RW_SESSION = 0x2
 CKF_SERIAL_SESSION = 0x4
@@ -67,17 +68,23 @@ class _Module:
 
 
 def token_exists(module_path: str, label: str) -> bool:
-    module = _Module(module_path)
-    try:
-        return any(lbl == label and flags & CKF_TOKEN_INITIALIZED for _, lbl, flags in module.slots())
-    finally:
-        module.close()
+    with module_lock(module_path):
+        module = _Module(module_path)
+        try:
+            return any(lbl == label and flags & CKF_TOKEN_INITIALIZED for _, lbl, flags in module.slots())
+        finally:
+            module.close()
 
 
 def init_token(module_path: str, label: str, *, so_pin: str, user_pin: str) -> None:
     """Initialise the first uninitialised slot as token ``label`` with the given PINs."""
     if len(label.encode()) > 32:
         raise ValueError("a token label is at most 32 bytes")
+    with module_lock(module_path):
+        _init_token(module_path, label, so_pin, user_pin)
+
+
+def _init_token(module_path: str, label: str, so_pin: str, user_pin: str) -> None:
     module = _Module(module_path)
     try:
         free = [slot for slot, _, flags in module.slots() if not flags & CKF_TOKEN_INITIALIZED]

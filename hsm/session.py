@@ -12,6 +12,7 @@ import pkcs11
 import pkcs11.exceptions as p11err
 
 from hsm.errors import (
+    HsmConfigError,
     HsmError,
     HsmUnavailableError,
     KeyNotFoundError,
@@ -78,6 +79,7 @@ class Pkcs11Session:
         self._generation = 0
         self._closed = False
         self._users = 0
+        self._epoch = -1
 
     @classmethod
     def shared(cls, uri: Pkcs11Uri) -> Pkcs11Session:
@@ -89,6 +91,9 @@ class Pkcs11Session:
         key = (uri.module_path, uri.token)
         with _registry_lock:
             session = _sessions.get(key)
+            if session is not None and not session._closed and session.uri.pin_source != uri.pin_source:
+                # One login per token per process: a second PIN source would silently reuse the first.
+                raise HsmConfigError(f"token {uri.token!r} is already open in this process with another PIN source")
             if session is None or session._closed:
                 lock = _module_locks.setdefault(uri.module_path, threading.RLock())
                 session = _sessions[key] = cls(uri, lock)
@@ -107,19 +112,24 @@ class Pkcs11Session:
     def _ensure_open(self) -> pkcs11.Session:
         if self._closed:
             raise HsmError("the HSM session has been closed")
-        if self._session is not None:
+        epoch = _module_epochs.get(self.uri.module_path, 0)
+        if self._session is not None and self._epoch == epoch:
             return self._session
+        # Either never opened, or the library was re-initialised (by us or another token's
+        # session in this process): the old handle is gone, and may even have been reissued.
+        self._session = None
         pin = self.uri.read_pin()
-        try:
-            if self._lib is None:
+        if self._lib is None:
+            try:
                 self._lib = pkcs11.lib(self.uri.module_path)
+            except (p11err.PKCS11Error, OSError) as err:
+                raise HsmUnavailableError(f"cannot load PKCS#11 module {self.uri.module_path}") from err
+        try:
             token = self._lib.get_token(token_label=self.uri.token)
             self._session = token.open(rw=True, user_pin=pin)
         except p11err.PKCS11Error as err:
             raise translate(err, f"opening token {self.uri.token!r}") from err
-        except RuntimeError as err:
-            # python-pkcs11 raises a bare RuntimeError when the module cannot be loaded.
-            raise HsmUnavailableError(f"cannot load PKCS#11 module {self.uri.module_path}") from err
+        self._epoch = epoch
         self._generation += 1
         log.info("logged in to token %r (generation %d)", self.uri.token, self._generation)
         return self._session
@@ -153,6 +163,8 @@ class Pkcs11Session:
                 self._lib.reinitialize()
             except p11err.PKCS11Error as err:
                 log.warning("PKCS#11 reinitialize failed: %s", type(err).__name__)
+            # Every session of every token on this module is now invalid.
+            _module_epochs[self.uri.module_path] = _module_epochs.get(self.uri.module_path, 0) + 1
 
     def reconnect(self) -> None:
         """Re-initialise the library and log in again (after the token came back)."""
@@ -180,3 +192,11 @@ _registry_lock = threading.Lock()
 _sessions: dict[tuple[str, str], Pkcs11Session] = {}
 #: One lock per loaded module: SoftHSM is unsafe across tokens too, not only per session.
 _module_locks: dict[str, threading.RLock] = {}
+#: Bumped when a module is re-initialised; sessions opened under an older epoch are dead.
+_module_epochs: dict[str, int] = {}
+
+
+def module_lock(module_path: str) -> threading.RLock:
+    """The lock serializing every call into ``module_path`` in this process."""
+    with _registry_lock:
+        return _module_locks.setdefault(module_path, threading.RLock())

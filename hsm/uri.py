@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, unquote_to_bytes
 
 from hsm.errors import HsmConfigError
 
@@ -36,12 +36,16 @@ class Pkcs11Uri:
             name, sep, value = part.partition("=")
             if not sep or name not in _PATH_ATTRS:
                 raise HsmConfigError(f"unsupported PKCS#11 URI path attribute {name!r}")
-            attrs[name] = unquote(value)
+            if name in attrs:
+                raise HsmConfigError(f"PKCS#11 URI attribute {name!r} given twice")
+            attrs[name] = value if name == "id" else unquote(value)
         params: dict[str, str] = {}
         for part in filter(None, query.split("&")):
             name, sep, value = part.partition("=")
             if not sep or name not in _QUERY_ATTRS:
                 raise HsmConfigError(f"unsupported PKCS#11 URI query attribute {name!r}")
+            if name in params:
+                raise HsmConfigError(f"PKCS#11 URI attribute {name!r} given twice")
             params[name] = unquote(value)
         if "pin-value" in params:
             # A PIN inside the URI ends up in config files, process listings and logs.
@@ -50,7 +54,8 @@ class Pkcs11Uri:
             raise HsmConfigError("the HSM URI must name a token (token=...)")
         if "module-path" not in params:
             raise HsmConfigError("the HSM URI must name the PKCS#11 module (module-path=...)")
-        key_id = bytes.fromhex(attrs["id"].replace("%", "")) if "id" in attrs else None
+        # CKA_ID is binary: the URI carries it percent-encoded byte by byte.
+        key_id = unquote_to_bytes(attrs["id"]) if "id" in attrs else None
         return cls(
             token=attrs["token"],
             module_path=params["module-path"],
@@ -60,12 +65,14 @@ class Pkcs11Uri:
         )
 
     def with_object(self, label: str) -> Pkcs11Uri:
-        return Pkcs11Uri(self.token, self.module_path, label, None, self.pin_source)
+        return Pkcs11Uri(self.token, self.module_path, label, self.id, self.pin_source)
 
     def __str__(self) -> str:
         path = f"token={quote(self.token, safe='')}"
         if self.object is not None:
             path += f";object={quote(self.object, safe='')}"
+        if self.id is not None:
+            path += ";id=" + "".join(f"%{b:02x}" for b in self.id)
         query = f"module-path={quote(self.module_path, safe='/')}"
         if self.pin_source is not None:
             query += f"&pin-source={quote(self.pin_source, safe='/:')}"
