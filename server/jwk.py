@@ -11,6 +11,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ MAX_JWK_BYTES = 16_384
 MIN_RSA_BITS = 2048
 MAX_RSA_BITS = 8192
 
+_B64URL = re.compile(r"[A-Za-z0-9_-]+")
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 _EC_CURVES: dict[str, tuple[type[ec.EllipticCurve], int, frozenset[str]]] = {
     "P-256": (ec.SECP256R1, 32, frozenset({"ES256"})),
@@ -49,25 +51,29 @@ class WalletKey:
 
 
 def _b64(value: Any, member: str) -> bytes:
-    if not isinstance(value, str) or not value:
-        raise InvalidPublicKeyError(f"JWK member {member!r} must be a non-empty base64url string")
-    if "=" in value or "+" in value or "/" in value:
-        raise InvalidPublicKeyError(f"JWK member {member!r} is not unpadded base64url")
+    # The stdlib decoder silently drops characters outside the alphabet; check them first.
+    if not isinstance(value, str) or not _B64URL.fullmatch(value):
+        raise InvalidPublicKeyError(f"JWK member {member!r} must be a non-empty unpadded base64url string")
     try:
-        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+        decoded = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
     except (binascii.Error, ValueError) as err:
         raise InvalidPublicKeyError(f"JWK member {member!r} is not valid base64url") from err
+    if not decoded:
+        raise InvalidPublicKeyError(f"JWK member {member!r} is empty")
+    return decoded
 
 
 def _check_use(jwk: dict[str, Any], algs: frozenset[str]) -> None:
     alg = jwk.get("alg")
-    if alg is not None and alg not in algs:
+    if alg is not None and (not isinstance(alg, str) or alg not in algs):
         raise InvalidPublicKeyError(f"JWK alg {alg!r} does not match the key type")
     use = jwk.get("use")
     if use is not None and use != "sig":
         raise InvalidPublicKeyError("JWK use must be 'sig' for a wallet signing key")
     ops = jwk.get("key_ops")
-    if ops is not None and (not isinstance(ops, list) or not ops or set(ops) - {"verify"}):
+    if ops is not None and (
+        not isinstance(ops, list) or not ops or not all(isinstance(o, str) for o in ops) or set(ops) - {"verify"}
+    ):
         raise InvalidPublicKeyError("JWK key_ops may only contain 'verify'")
 
 
@@ -108,7 +114,7 @@ def parse_wallet_jwk(text: str) -> WalletKey:
 
 def _ec_key(jwk: dict[str, Any]) -> ec.EllipticCurvePublicKey:
     crv = jwk.get("crv")
-    if crv not in _EC_CURVES:
+    if not isinstance(crv, str) or crv not in _EC_CURVES:
         raise InvalidPublicKeyError("unsupported EC curve; use P-256 or P-384")
     curve, size, algs = _EC_CURVES[crv]
     _check_use(jwk, algs)

@@ -97,7 +97,8 @@ def mask_email(email: str) -> str:
 
 
 def mask_phone(phone: str) -> str:
-    digits = phone.strip()
+    """Stars for every digit but the last four, which are shown; formatting is dropped."""
+    digits = "".join(c for c in phone if c in string.digits)
     return "*" * max(len(digits) - 4, 0) + digits[-4:]
 
 
