@@ -32,11 +32,13 @@ dev-deps: $(VENV)/.installed-dev  ## plus test, lint and codegen tools
 # uv installs the ~30 wheels in a few seconds where pip takes over half a minute.
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
+
+$(BIN)/uv: | $(BIN)/python
 	$(BIN)/pip install --quiet --disable-pip-version-check uv==0.13.9
 
 PIP := VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/uv pip install --quiet
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml | $(BIN)/uv
 	$(PIP) -e .
 	touch $@
 
