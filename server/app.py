@@ -59,6 +59,8 @@ def build_app(settings: Settings) -> App:
         bindings=store,
         issuers=store,
         notifier=OutboxNotifier(settings.outbox),
+        replay=store,
+        nonces=store,
     )
     return App(settings, keys, store, service)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
@@ -43,6 +43,15 @@ class Settings(BaseSettings):
     bind_auth_factor_types: list[str] = Field(["WLA"], description="Factors a wallet key may be bound for.")
     individual_id_pattern: str = Field(DEFAULT_INDIVIDUAL_ID_PATTERN, description="Regex an individual ID must match.")
     outbox_path: Path | None = Field(None, description="Where the outbox notifier appends OTP messages.")
+    wla_audience: str = Field("keybinder", min_length=1, description="aud a WLA token must carry by default.")
+    wla_skew_seconds: int = Field(30, ge=0, le=600, description="Clock skew allowed on WLA iat/exp.")
+    wla_max_lifetime_seconds: int = Field(300, ge=10, le=86400, description="Largest exp - iat of a WLA token.")
+    proof_of_possession: Literal["off", "optional", "required"] = Field(
+        "optional", description="Proof-of-possession policy for partners not listed below."
+    )
+    proof_of_possession_by_partner: dict[str, Literal["off", "optional", "required"]] = Field(
+        {}, description="Per-partner proof-of-possession policy, e.g. {wallet-a = 'required'}."
+    )
     softhsm2_conf: Path | None = Field(
         None, description="SOFTHSM2_CONF to use when unset; default <data_dir>/softhsm2.conf if it exists."
     )
@@ -115,6 +124,11 @@ class Settings(BaseSettings):
             cert_validity_days=self.cert_validity_days,
             bind_auth_factor_types=frozenset(self.bind_auth_factor_types),
             individual_id_pattern=self.individual_id_pattern,
+            wla_audience=self.wla_audience,
+            wla_skew_seconds=self.wla_skew_seconds,
+            wla_max_lifetime_seconds=self.wla_max_lifetime_seconds,
+            proof_of_possession=self.proof_of_possession,
+            proof_of_possession_by_partner=tuple(sorted(self.proof_of_possession_by_partner.items())),
         )
 
     def apply_environment(self) -> None:

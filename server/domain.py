@@ -10,6 +10,9 @@ from datetime import datetime
 class BindingStatus(enum.StrEnum):
     ACTIVE = "active"
     SUPERSEDED = "superseded"
+    REVOKED = "revoked"
+    #: Never stored: reported for an active binding whose certificate has expired.
+    EXPIRED = "expired"
 
 
 class OtpChannel(enum.StrEnum):
@@ -55,6 +58,14 @@ class Binding:
     expires_at: datetime
     status: BindingStatus = BindingStatus.ACTIVE
     superseded_at: datetime | None = None
+    revoked_at: datetime | None = None
+    revocation_reason: str | None = None
+
+    def status_at(self, now: datetime) -> BindingStatus:
+        """The status a client sees: an active binding past its notAfter is expired."""
+        if self.status is BindingStatus.ACTIVE and self.expires_at <= now:
+            return BindingStatus.EXPIRED
+        return self.status
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ class Status(enum.Enum):
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     UNAVAILABLE = "UNAVAILABLE"
     INTERNAL = "INTERNAL"
+    NOT_FOUND = "NOT_FOUND"
 
 
 class KeyBinderError(Exception):
@@ -143,3 +144,131 @@ class BackendUnavailableError(KeyBindingFailedError):
     """The HSM or the database is unreachable: retryable, nothing was written."""
 
     status = Status.UNAVAILABLE
+
+
+class NotFoundError(KeyBinderError):
+    status = Status.NOT_FOUND
+
+
+class BindingNotFoundError(NotFoundError):
+    """No binding (of this partner, for this individual and factor) matches."""
+
+    reason = "binding_not_found"
+
+
+class BindingExpiredError(KeyBinderError):
+    """The binding's certificate has expired."""
+
+    reason = "binding_expired"
+    status = Status.FAILED_PRECONDITION
+
+
+class BindingSupersededError(KeyBinderError):
+    """The token names a binding that a newer one replaced."""
+
+    reason = "binding_superseded"
+    status = Status.FAILED_PRECONDITION
+
+
+class BindingRevokedError(KeyBinderError):
+    """The token names a revoked binding."""
+
+    reason = "binding_revoked"
+    status = Status.FAILED_PRECONDITION
+
+
+class InvalidWlaTokenError(KeyBinderError):
+    """Not a well-formed compact JWS with the required claims."""
+
+    reason = "invalid_wla_token"
+    status = Status.INVALID_ARGUMENT
+
+
+class InvalidTokenAlgorithmError(KeyBinderError):
+    """alg is none, symmetric, unknown, or does not match the bound key."""
+
+    reason = "invalid_token_algorithm"
+    status = Status.INVALID_ARGUMENT
+
+
+class Sha256ThumbprintHeaderMissingError(KeyBinderError):
+    """The token header has no x5t#S256."""
+
+    reason = "sha256_thumbprint_header_missing"
+    status = Status.INVALID_ARGUMENT
+
+
+class Sha256ThumbprintMismatchError(KeyBinderError):
+    """x5t#S256 is not the thumbprint of the individual's active binding."""
+
+    reason = "sha256_thumbprint_mismatch"
+    status = Status.UNAUTHENTICATED
+
+
+class InvalidTokenSignatureError(KeyBinderError):
+    """The signature does not verify with the bound key."""
+
+    reason = "invalid_token_signature"
+    status = Status.UNAUTHENTICATED
+
+
+class InvalidTokenAudienceError(KeyBinderError):
+    reason = "invalid_token_audience"
+    status = Status.UNAUTHENTICATED
+
+
+class InvalidTokenSubjectError(KeyBinderError):
+    reason = "invalid_token_subject"
+    status = Status.UNAUTHENTICATED
+
+
+class TokenExpiredError(KeyBinderError):
+    reason = "token_expired"
+    status = Status.UNAUTHENTICATED
+
+
+class TokenNotYetValidError(KeyBinderError):
+    """iat (or nbf) lies in the future beyond the allowed clock skew."""
+
+    reason = "token_not_yet_valid"
+    status = Status.UNAUTHENTICATED
+
+
+class TokenLifetimeTooLongError(KeyBinderError):
+    """exp - iat exceeds the configured maximum lifetime."""
+
+    reason = "token_lifetime_too_long"
+    status = Status.INVALID_ARGUMENT
+
+
+class TokenReplayedError(KeyBinderError):
+    """This jti was already accepted and the token has not expired yet."""
+
+    reason = "token_replayed"
+    status = Status.UNAUTHENTICATED
+
+
+class ProofOfPossessionRequiredError(KeyBinderError):
+    """The partner's policy requires a proof of possession and none was sent."""
+
+    reason = "proof_of_possession_required"
+    status = Status.INVALID_ARGUMENT
+
+
+class InvalidProofOfPossessionError(KeyBinderError):
+    """The proof is malformed, not signed by the key being bound, or names a wrong nonce."""
+
+    reason = "invalid_proof_of_possession"
+    status = Status.INVALID_ARGUMENT
+
+
+class InvalidRevocationReasonError(KeyBinderError):
+    reason = "invalid_revocation_reason"
+    status = Status.INVALID_ARGUMENT
+
+
+class InvalidArgumentError(KeyBinderError):
+    """A request field is malformed (where no more specific eSignet reason applies)."""
+
+    reason = "invalid_request"
+    status = Status.INVALID_ARGUMENT

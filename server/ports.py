@@ -61,13 +61,42 @@ class BindingStore(Protocol):
         """The ID-HMAC the wallet key is bound to, if any."""
         ...
 
-    def commit_binding(self, binding: Binding, *, consume_otp: str | None, now: datetime) -> None:
-        """In one transaction: mark the OTP used (if given), supersede the active binding for
-        (individual, partner, factor), and insert ``binding``. Raises ``OtpAlreadyUsed`` or
-        ``KeyOwnedByOther`` and writes nothing when a check fails."""
+    def commit_binding(
+        self, binding: Binding, *, consume_otp: str | None, now: datetime, consume_nonce: str | None = None
+    ) -> None:
+        """In one transaction: mark the OTP (and PoP nonce) used if given, supersede the active
+        binding for (individual, partner, factor), and insert ``binding``. Raises
+        ``OtpAlreadyUsed`` or ``KeyOwnedByOther`` and writes nothing when a check fails."""
         ...
 
     def bindings_for(self, id_hmac: bytes, partner_id: str) -> Sequence[Binding]: ...
+
+    def active_binding(self, id_hmac: bytes, partner_id: str, factor: str) -> Binding | None: ...
+
+    def binding_by_thumbprint(self, thumbprint: str) -> Binding | None: ...
+
+    def latest_binding_by_psut(self, psut: str, partner_id: str, factor: str) -> Binding | None:
+        """The active binding, else the most recent one."""
+        ...
+
+    def revoke_binding(
+        self, id_hmac: bytes, partner_id: str, factor: str, *, reason: str, now: datetime, consume_otp: str | None
+    ) -> Binding | None:
+        """In one transaction: mark the OTP used (if given) and revoke the active binding.
+        Returns the revoked binding, or None (writing nothing) when there is no active one."""
+        ...
+
+
+class ReplayCache(Protocol):
+    def claim_jti(self, id_hmac: bytes, jti: str, expires_at: datetime, now: datetime) -> bool:
+        """Record ``jti`` until ``expires_at``; False when it is already recorded and unexpired."""
+        ...
+
+
+class NonceStore(Protocol):
+    def create_nonce(self, nonce: str, id_hmac: bytes, partner_id: str, expires_at: datetime) -> None: ...
+
+    def nonce_usable(self, nonce: str, id_hmac: bytes, partner_id: str, now: datetime) -> bool: ...
 
 
 class IssuerStore(Protocol):
@@ -89,7 +118,7 @@ class StoreConflict(Exception):
 
 
 class OtpAlreadyUsed(StoreConflict):
-    """The OTP was consumed (or replaced) by a concurrent request."""
+    """The OTP (or PoP nonce) was consumed (or replaced) by a concurrent request."""
 
 
 class KeyOwnedByOther(StoreConflict):

@@ -18,20 +18,31 @@ from cryptography import x509
 
 from server.certs import Issuer, issue_wallet_certificate, to_pem, x5t_s256
 from server.challenges import OTP_LENGTH, Challenge, supported_formats, validate_challenges
-from server.domain import Binding, Identity, OtpChannel, OtpMessage, OtpRecord
+from server.domain import Binding, BindingStatus, Identity, OtpChannel, OtpMessage, OtpRecord
 from server.errors import (
     AuthFailedError,
     BackendUnavailableError,
+    BindingExpiredError,
+    BindingNotFoundError,
+    BindingRevokedError,
+    BindingSupersededError,
     DuplicatePublicKeyError,
+    InvalidArgumentError,
     InvalidBindAuthFactorTypeError,
     InvalidIndividualIdError,
     InvalidOtpChannelError,
     InvalidPartnerError,
+    InvalidProofOfPossessionError,
+    InvalidRevocationReasonError,
+    InvalidWlaTokenError,
     KeyBinderError,
     KeyBindingFailedError,
+    ProofOfPossessionRequiredError,
     SendOtpFailedError,
+    Sha256ThumbprintMismatchError,
+    TokenReplayedError,
 )
-from server.jwk import parse_wallet_jwk
+from server.jwk import WalletPublicKey, parse_wallet_jwk
 from server.ports import (
     BackendFailure,
     BackendUnavailable,
@@ -43,10 +54,13 @@ from server.ports import (
     IssuerStore,
     KeyedHasher,
     KeyOwnedByOther,
+    NonceStore,
     Notifier,
     OtpAlreadyUsed,
     OtpStore,
+    ReplayCache,
 )
+from server.wla import TokenRules, VerifiedToken, check_claims, read_header, verify_possession, verify_signed
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,6 +69,7 @@ P = ParamSpec("P")
 OTP_ALPHABET = string.ascii_uppercase + string.digits
 PARTNER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 DEFAULT_INDIVIDUAL_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}"
+REVOCATION_REASON_PATTERN = re.compile(r"[\x20-\x7e]{1,200}")
 
 # MAC purposes: one HSM key, one label per meaning.
 MAC_ID = "individual-id"
@@ -71,8 +86,21 @@ class Policy:
     otp_max_attempts: int = 3
     cert_validity_days: int = 365
     bind_auth_factor_types: frozenset[str] = frozenset({"WLA"})
-    challenge_factors: frozenset[str] = frozenset({"OTP", "PIN"})
+    challenge_factors: frozenset[str] = frozenset({"OTP", "PIN", "WLA"})
     individual_id_pattern: str = DEFAULT_INDIVIDUAL_ID_PATTERN
+    wla_audience: str = "keybinder"
+    wla_skew_seconds: int = 30
+    wla_max_lifetime_seconds: int = 300
+    #: off / optional / required, per partner; partners not listed get the default.
+    proof_of_possession: str = "optional"
+    proof_of_possession_by_partner: tuple[tuple[str, str], ...] = ()
+
+    def pop_mode(self, partner_id: str) -> str:
+        return dict(self.proof_of_possession_by_partner).get(partner_id, self.proof_of_possession)
+
+    @property
+    def wla_rules(self) -> TokenRules:
+        return TokenRules(self.wla_audience, self.wla_skew_seconds, self.wla_max_lifetime_seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +108,15 @@ class SendOtpResult:
     transaction_id: str
     masked_email: str
     masked_mobile: str
+
+
+@dataclass(frozen=True, slots=True)
+class WalletTokenResult:
+    psut: str
+    thumbprint: str
+    binding_expires_at: datetime
+    jti: str
+    token_expires_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +171,8 @@ class KeyBinderService:
         bindings: BindingStore,
         issuers: IssuerStore,
         notifier: Notifier,
+        replay: ReplayCache,
+        nonces: NonceStore,
     ) -> None:
         self.policy = policy
         self.clock = clock
@@ -144,6 +183,8 @@ class KeyBinderService:
         self.bindings = bindings
         self.issuers = issuers
         self.notifier = notifier
+        self.replay = replay
+        self.nonces = nonces
         self._id_pattern = re.compile(policy.individual_id_pattern)
         self._issuer: Issuer | None = None
 
@@ -247,6 +288,7 @@ class KeyBinderService:
         challenges: Sequence[Challenge],
         public_key_jwk: str,
         bind_auth_factor_type: str,
+        proof_of_possession: str = "",
     ) -> KeyBindingResult:
         # Everything that can be checked without a secret is checked before any is touched.
         self.check_partner(partner_id)
@@ -260,7 +302,10 @@ class KeyBinderService:
 
         id_hmac = self.id_hmac(individual_id)
         identity = self.identities.get_identity(id_hmac)
-        consumed_otp = self._verify(identity, id_hmac, partner_id, challenges)
+        consumed_otp = self._verify(identity, individual_id, id_hmac, partner_id, challenges)
+        consumed_nonce = self._check_possession(
+            proof_of_possession, wallet.public_key, id_hmac, partner_id, consumed_otp
+        )
 
         owner = self.bindings.key_owner(wallet.fingerprint)
         if owner is not None and owner != id_hmac:
@@ -297,7 +342,7 @@ class KeyBinderService:
             expires_at=cert.not_valid_after_utc,
         )
         try:
-            self.bindings.commit_binding(binding, consume_otp=consumed_otp, now=now)
+            self.bindings.commit_binding(binding, consume_otp=consumed_otp, now=now, consume_nonce=consumed_nonce)
         except OtpAlreadyUsed as err:
             raise AuthFailedError("authentication failed") from err
         except KeyOwnedByOther as err:
@@ -305,9 +350,18 @@ class KeyBinderService:
         return KeyBindingResult(binding.certificate_pem, psut, binding.expires_at, thumbprint, cert)
 
     def _verify(
-        self, identity: Identity | None, id_hmac: bytes, partner_id: str, challenges: Sequence[Challenge]
+        self,
+        identity: Identity | None,
+        individual_id: str,
+        id_hmac: bytes,
+        partner_id: str,
+        challenges: Sequence[Challenge],
     ) -> str | None:
-        """Verify every challenge; returns the OTP transaction to consume on success."""
+        """Verify every challenge; returns the OTP transaction to consume on success.
+
+        Every failure is the same ``auth_failed`` to the caller (no enumeration of IDs or of
+        which factor failed); the precise cause goes to the log.
+        """
         failed = identity is None
         consumed: str | None = None
         for ch in challenges:
@@ -316,9 +370,8 @@ class KeyBinderService:
                 if record is None:
                     failed = True
                     continue
-                expected = record.otp_hmac
                 given = self.hasher.mac(MAC_OTP, record.transaction_id, ch.challenge)
-                if hmac.compare_digest(expected, given):
+                if hmac.compare_digest(record.otp_hmac, given):
                     consumed = record.transaction_id
                 else:
                     failed = True
@@ -327,11 +380,163 @@ class KeyBinderService:
                 stored = identity.pin_hmac if identity is not None else None
                 if stored is None or not hmac.compare_digest(stored, given):
                     failed = True
+            elif ch.auth_factor_type == "WLA":
+                try:
+                    self._verify_wla(ch.challenge, individual_id, id_hmac, partner_id, "WLA", self.policy.wla_audience)
+                except KeyBinderError as err:
+                    if isinstance(err, BackendUnavailableError | KeyBindingFailedError):
+                        raise
+                    log.info("WLA challenge refused: %s", err.reason)
+                    failed = True
             else:  # validate_challenges admits only enabled factors; a verifier must exist for each.
                 failed = True
         if failed:
             raise AuthFailedError("authentication failed")
         return consumed
+
+    def _check_possession(
+        self, proof: str, public_key: WalletPublicKey, id_hmac: bytes, partner_id: str, otp_transaction: str | None
+    ) -> str | None:
+        """Apply the partner's proof-of-possession policy; returns a GetBindingNonce nonce to consume."""
+        mode = self.policy.pop_mode(partner_id)
+        if mode == "off":
+            return None
+        if not proof:
+            if mode == "required":
+                raise ProofOfPossessionRequiredError("this partner requires a proof of possession of the key")
+            return None
+        nonce = verify_possession(proof, public_key, audience=self.policy.wla_audience)
+        if otp_transaction is not None and hmac.compare_digest(nonce, otp_transaction):
+            return None  # the OTP is consumed with the binding already
+        if self.nonces.nonce_usable(nonce, id_hmac, partner_id, self.clock.now()):
+            return nonce
+        raise InvalidProofOfPossessionError("the proof's nonce was not issued for this binding or has expired")
+
+    def _verify_wla(
+        self, token: str, individual_id: str, id_hmac: bytes, partner_id: str, factor: str, audience: str
+    ) -> tuple[Binding, VerifiedToken]:
+        """All WLA rules, in order; raises the precise error. The jti is claimed last."""
+        header = read_header(token)
+        now = self.clock.now()
+        active = self.bindings.active_binding(id_hmac, partner_id, factor)
+        if active is None or active.cert_thumbprint != header.x5t_s256:
+            named = self.bindings.binding_by_thumbprint(header.x5t_s256)
+            if named is not None and named.id_hmac == id_hmac and named.partner_id == partner_id:
+                if named.status is BindingStatus.SUPERSEDED:
+                    raise BindingSupersededError("the token names a binding that has been superseded")
+                if named.status is BindingStatus.REVOKED:
+                    raise BindingRevokedError("the token names a revoked binding")
+            if active is None:
+                raise BindingNotFoundError("the individual has no active binding for this partner and factor")
+            raise Sha256ThumbprintMismatchError("x5t#S256 does not match the individual's active binding")
+        if active.expires_at <= now:
+            raise BindingExpiredError("the binding's certificate has expired")
+        cert = x509.load_pem_x509_certificate(active.certificate_pem.encode())
+        payload = verify_signed(token, header.alg, cert)
+        rules = self.policy.wla_rules
+        if audience != rules.audience:
+            rules = TokenRules(audience, rules.skew_seconds, rules.max_lifetime_seconds)
+        verified = check_claims(payload, subject=individual_id, rules=rules, now=now)
+        if not self.replay.claim_jti(id_hmac, verified.jti, verified.expires_at, now):
+            raise TokenReplayedError("this token has already been used")
+        return active, verified
+
+    # -- VerifyWalletToken ----------------------------------------------------------------
+
+    @backend_errors
+    def verify_wallet_token(
+        self, partner_id: str, token: str, individual_id: str, expected_audience: str, factor: str
+    ) -> WalletTokenResult:
+        self.check_partner(partner_id)
+        self.check_individual_id(individual_id)
+        factor = self._factor(factor)
+        audience = expected_audience or self.policy.wla_audience
+        if len(audience) > 256:
+            raise InvalidWlaTokenError("expected_audience is too long")
+        binding, verified = self._verify_wla(
+            token, individual_id, self.id_hmac(individual_id), partner_id, factor, audience
+        )
+        return WalletTokenResult(
+            psut=binding.psut,
+            thumbprint=binding.cert_thumbprint,
+            binding_expires_at=binding.expires_at,
+            jti=verified.jti,
+            token_expires_at=verified.expires_at,
+        )
+
+    def _factor(self, factor: str) -> str:
+        factor = factor or "WLA"
+        if factor not in self.policy.bind_auth_factor_types:
+            raise InvalidBindAuthFactorTypeError(
+                f"bind_auth_factor_type must be one of {sorted(self.policy.bind_auth_factor_types)}"
+            )
+        return factor
+
+    # -- RevokeBinding, GetBinding, GetBindingNonce ---------------------------------------
+
+    @backend_errors
+    def revoke_binding(
+        self, partner_id: str, individual_id: str, challenges: Sequence[Challenge], reason: str, factor: str
+    ) -> Binding:
+        self.check_partner(partner_id)
+        self.check_individual_id(individual_id)
+        validate_challenges(challenges, self.policy.challenge_factors)
+        factor = self._factor(factor)
+        if not REVOCATION_REASON_PATTERN.fullmatch(reason):
+            raise InvalidRevocationReasonError("reason must be 1 to 200 printable characters")
+        id_hmac = self.id_hmac(individual_id)
+        identity = self.identities.get_identity(id_hmac)
+        consumed_otp = self._verify(identity, individual_id, id_hmac, partner_id, challenges)
+        try:
+            revoked = self.bindings.revoke_binding(
+                id_hmac, partner_id, factor, reason=reason, now=self.clock.now(), consume_otp=consumed_otp
+            )
+        except OtpAlreadyUsed as err:
+            raise AuthFailedError("authentication failed") from err
+        if revoked is None:
+            raise BindingNotFoundError("there is no active binding to revoke")
+        return revoked
+
+    @backend_errors
+    def get_binding(self, partner_id: str, *, psut: str, thumbprint: str, factor: str) -> tuple[Binding, BindingStatus]:
+        """The binding and its status now; a partner sees only its own bindings."""
+        self.check_partner(partner_id)
+        if bool(psut) == bool(thumbprint):
+            raise InvalidArgumentError("give exactly one of partner_specific_user_token and thumbprint")
+        if len(psut) > 64 or len(thumbprint) > 64:
+            raise InvalidArgumentError("selector too long")
+        if thumbprint:
+            binding = self.bindings.binding_by_thumbprint(thumbprint)
+        else:
+            binding = self.bindings.latest_binding_by_psut(psut, partner_id, self._factor(factor))
+        if binding is None or binding.partner_id != partner_id:
+            raise BindingNotFoundError("no such binding for this partner")
+        return binding, binding.status_at(self.clock.now())
+
+    @backend_errors
+    def get_binding_nonce(self, partner_id: str, individual_id: str) -> tuple[str, datetime]:
+        self.check_partner(partner_id)
+        self.check_individual_id(individual_id)
+        nonce = secrets.token_urlsafe(24)
+        expires = self.clock.now() + timedelta(seconds=self.policy.otp_ttl_seconds)
+        self.nonces.create_nonce(nonce, self.id_hmac(individual_id), partner_id, expires)
+        return nonce, expires
+
+    # -- GetIssuerCertificates ------------------------------------------------------------
+
+    @backend_errors
+    def issuer_certificates(self) -> list[x509.Certificate]:
+        """Every issuer that may have signed a still-valid wallet certificate, newest first.
+
+        Wallet certificates never outlive their issuer, so an issuer that has not expired is
+        exactly one whose certificates may still be in use.
+        """
+        now = self.clock.now()
+        return [
+            x509.load_pem_x509_certificate(r.certificate_pem.encode())
+            for r in self.issuers.issuers()
+            if r.not_after > now
+        ]
 
     def _active_issuer(self, now: datetime) -> Issuer:
         cached = self._issuer

@@ -24,6 +24,9 @@ from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
 from server.serve import Server
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+#: Partners whose proof-of-possession policy differs from the default (optional).
+POP_REQUIRED_PARTNER = "pop-required-wallet"
+POP_OFF_PARTNER = "pop-off-wallet"
 SOFTHSM_MODULE = os.environ.get("PKCS11_MODULE", DEFAULT_MODULE)
 
 
@@ -43,7 +46,11 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     data_dir = tmp_path_factory.mktemp("keybinder-data")
     # The token folder must be chosen before anything in this process loads SoftHSM.
     os.environ.pop("SOFTHSM2_CONF", None)
-    cfg = load_settings(data_dir=data_dir, otp_ttl_seconds=60)
+    cfg = load_settings(
+        data_dir=data_dir,
+        otp_ttl_seconds=60,
+        proof_of_possession_by_partner={POP_REQUIRED_PARTNER: "required", POP_OFF_PARTNER: "off"},
+    )
     initialise(cfg)
     return cfg
 

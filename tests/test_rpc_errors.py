@@ -371,7 +371,7 @@ def test_send_otp_channel_names_are_case_insensitive(kb: RunningServer, person: 
         pytest.param("FOO", [], id="unknown"),
         pytest.param("otp", [], id="lower-case-otp"),
         pytest.param("", [], id="empty"),
-        pytest.param("WLA", [], id="WLA-not-verifiable-yet"),
+        pytest.param("WLA", ["jwt"], id="WLA"),
         pytest.param("BIO", [], id="BIO-no-matcher"),
     ],
 )
@@ -453,9 +453,19 @@ VALIDATION_CASES = [
         lambda p, k, otp: bind_request(p, k, ch("otp", "alpha-numeric", otp)),
     ),
     case(
-        "factor-WLA",
-        "invalid_auth_factor_type",
-        lambda p, k, otp: bind_request(p, k, ch("WLA", "jwt", f"{'a' * 40}.{'b' * 80}.{'c' * 40}")),
+        "WLA-wrong-format",
+        "invalid_challenge_format",
+        lambda p, k, otp: bind_request(p, k, ch("WLA", "alpha-numeric", f"{'a' * 40}.{'b' * 80}.{'c' * 40}")),
+    ),
+    case(
+        "WLA-too-short",
+        "invalid_challenge",
+        lambda p, k, otp: bind_request(p, k, ch("WLA", "jwt", "a.b.c")),
+    ),
+    case(
+        "WLA-not-three-parts",
+        "invalid_challenge",
+        lambda p, k, otp: bind_request(p, k, ch("WLA", "jwt", "a" * 200)),
     ),
     case(
         "factor-BIO", "invalid_auth_factor_type", lambda p, k, otp: bind_request(p, k, ch("BIO", "encoded-json", "e30"))

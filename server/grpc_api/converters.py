@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
-from google.protobuf.timestamp_pb2 import Timestamp
+import base64
+import json
+from datetime import datetime
+from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from google.protobuf.timestamp_pb2 import Timestamp
+from joserfc.jwk import ECKey, OKPKey, RSAKey
+
+from server.certs import to_pem, x5t_s256
 from server.challenges import Challenge
+from server.domain import Binding, BindingStatus
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
-from server.service import KeyBindingResult, SendOtpResult
+from server.service import KeyBindingResult, SendOtpResult, WalletTokenResult
+
+_STATUS = {
+    BindingStatus.ACTIVE: pb.BINDING_STATUS_ACTIVE,
+    BindingStatus.SUPERSEDED: pb.BINDING_STATUS_SUPERSEDED,
+    BindingStatus.REVOKED: pb.BINDING_STATUS_REVOKED,
+    BindingStatus.EXPIRED: pb.BINDING_STATUS_EXPIRED,
+}
+
+
+def timestamp(value: datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
 
 
 def challenges_from_proto(request: pb.DoKeyBindingRequest) -> list[Challenge]:
@@ -22,11 +46,64 @@ def send_otp_to_proto(result: SendOtpResult) -> pb.SendBindingOtpResponse:
 
 
 def key_binding_to_proto(result: KeyBindingResult) -> pb.DoKeyBindingResponse:
-    expires = Timestamp()
-    expires.FromDatetime(result.expires_at)
     return pb.DoKeyBindingResponse(
         certificate=result.certificate_pem,
         partner_specific_user_token=result.psut,
-        expires_at=expires,
+        expires_at=timestamp(result.expires_at),
         thumbprint=result.thumbprint,
+    )
+
+
+def wallet_token_to_proto(result: WalletTokenResult) -> pb.VerifyWalletTokenResponse:
+    return pb.VerifyWalletTokenResponse(
+        valid=True,
+        partner_specific_user_token=result.psut,
+        thumbprint=result.thumbprint,
+        binding_expires_at=timestamp(result.binding_expires_at),
+        jti=result.jti,
+        token_expires_at=timestamp(result.token_expires_at),
+    )
+
+
+def binding_to_proto(binding: Binding, status: BindingStatus) -> pb.GetBindingResponse:
+    ended = binding.revoked_at or binding.superseded_at
+    return pb.GetBindingResponse(
+        status=_STATUS[status],
+        thumbprint=binding.cert_thumbprint,
+        partner_specific_user_token=binding.psut,
+        bind_auth_factor_type=binding.auth_factor_type,
+        certificate=binding.certificate_pem,
+        created_at=timestamp(binding.created_at),
+        expires_at=timestamp(binding.expires_at),
+        ended_at=timestamp(ended) if ended is not None else None,
+        revocation_reason=binding.revocation_reason or "",
+    )
+
+
+def issuers_to_proto(certificates: list[x509.Certificate]) -> pb.GetIssuerCertificatesResponse:
+    """PEM list plus a JWKS whose keys carry kid = x5t#S256 and the x5c chain of one."""
+    keys = []
+    for cert in certificates:
+        public = cert.public_key()
+        jwk: dict[str, Any]
+        if isinstance(public, ec.EllipticCurvePublicKey):
+            jwk = dict(ECKey.import_key(public).as_dict())
+            alg = "ES384" if public.curve.key_size == 384 else "ES256"
+        elif isinstance(public, rsa.RSAPublicKey):
+            jwk, alg = dict(RSAKey.import_key(public).as_dict()), "RS256"
+        elif isinstance(public, ed25519.Ed25519PublicKey):
+            jwk, alg = dict(OKPKey.import_key(public).as_dict()), "EdDSA"
+        else:
+            raise TypeError(f"unsupported issuer key type {type(public).__name__}")
+        der = cert.public_bytes(serialization.Encoding.DER)
+        jwk.update(
+            kid=x5t_s256(cert),
+            use="sig",
+            alg=alg,
+            x5c=[base64.b64encode(der).decode("ascii")],
+        )
+        jwk["x5t#S256"] = x5t_s256(cert)
+        keys.append(jwk)
+    return pb.GetIssuerCertificatesResponse(
+        certificates=[to_pem(c) for c in certificates], jwks=json.dumps({"keys": keys}, sort_keys=True)
     )

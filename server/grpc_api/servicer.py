@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from server.challenges import Challenge
 from server.errors import KeyBinderError, RequiredHeaderMissingError
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
@@ -92,6 +93,7 @@ class KeyBinderServicer(pb_grpc.KeyBinderServiceServicer):
                 challenges,
                 request.public_key_jwk,
                 request.bind_auth_factor_type,
+                request.proof_of_possession,
             )
         )
         return converters.key_binding_to_proto(result)
@@ -103,3 +105,62 @@ class KeyBinderServicer(pb_grpc.KeyBinderServiceServicer):
         self.service.check_partner(partner_id(context))
         formats = self.service.get_supported_challenge_formats(request.auth_factor_type)
         return pb.GetSupportedChallengeFormatsResponse(formats=formats)
+
+    @mapped_errors
+    async def VerifyWalletToken(  # noqa: N802
+        self, request: pb.VerifyWalletTokenRequest, context: grpc.aio.ServicerContext
+    ) -> pb.VerifyWalletTokenResponse:
+        partner = partner_id(context)
+        result = await self._run(
+            lambda: self.service.verify_wallet_token(
+                partner, request.token, request.individual_id, request.expected_audience, request.bind_auth_factor_type
+            )
+        )
+        return converters.wallet_token_to_proto(result)
+
+    @mapped_errors
+    async def GetIssuerCertificates(  # noqa: N802
+        self, request: pb.GetIssuerCertificatesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetIssuerCertificatesResponse:
+        self.service.check_partner(partner_id(context))
+        certificates = await self._run(self.service.issuer_certificates)
+        return converters.issuers_to_proto(certificates)
+
+    @mapped_errors
+    async def RevokeBinding(  # noqa: N802
+        self, request: pb.RevokeBindingRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RevokeBindingResponse:
+        partner = partner_id(context)
+        challenges = [Challenge(c.auth_factor_type, c.format, c.challenge) for c in request.challenges]
+        revoked = await self._run(
+            lambda: self.service.revoke_binding(
+                partner, request.individual_id, challenges, request.reason, request.bind_auth_factor_type
+            )
+        )
+        assert revoked.revoked_at is not None
+        return pb.RevokeBindingResponse(
+            thumbprint=revoked.cert_thumbprint, revoked_at=converters.timestamp(revoked.revoked_at)
+        )
+
+    @mapped_errors
+    async def GetBinding(  # noqa: N802
+        self, request: pb.GetBindingRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetBindingResponse:
+        partner = partner_id(context)
+        binding, status = await self._run(
+            lambda: self.service.get_binding(
+                partner,
+                psut=request.partner_specific_user_token,
+                thumbprint=request.thumbprint,
+                factor=request.bind_auth_factor_type,
+            )
+        )
+        return converters.binding_to_proto(binding, status)
+
+    @mapped_errors
+    async def GetBindingNonce(  # noqa: N802
+        self, request: pb.GetBindingNonceRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetBindingNonceResponse:
+        partner = partner_id(context)
+        nonce, expires = await self._run(lambda: self.service.get_binding_nonce(partner, request.individual_id))
+        return pb.GetBindingNonceResponse(nonce=nonce, expires_at=converters.timestamp(expires))

@@ -19,6 +19,7 @@ _CODES: dict[Status, int] = {
     Status.RESOURCE_EXHAUSTED: code_pb2.RESOURCE_EXHAUSTED,
     Status.UNAVAILABLE: code_pb2.UNAVAILABLE,
     Status.INTERNAL: code_pb2.INTERNAL,
+    Status.NOT_FOUND: code_pb2.NOT_FOUND,
 }
 
 

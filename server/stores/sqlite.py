@@ -196,14 +196,24 @@ class SqliteStore:
         rows = self._query("SELECT id_hmac FROM wallet_keys WHERE key_fingerprint = ?", (key_fingerprint,))
         return bytes(rows[0]["id_hmac"]) if rows else None
 
-    def commit_binding(self, binding: Binding, *, consume_otp: str | None, now: datetime) -> None:
+    @staticmethod
+    def _consume(conn: sqlite3.Connection, otp: str | None, nonce: str | None, now: datetime) -> None:
+        if otp is not None:
+            cur = conn.execute("UPDATE otps SET state = 'used' WHERE transaction_id = ? AND state = 'pending'", (otp,))
+            if cur.rowcount != 1:
+                raise OtpAlreadyUsed(otp)
+        if nonce is not None:
+            cur = conn.execute(
+                "UPDATE binding_nonces SET used_at = ? WHERE nonce = ? AND used_at IS NULL", (ts(now), nonce)
+            )
+            if cur.rowcount != 1:
+                raise OtpAlreadyUsed(nonce)
+
+    def commit_binding(
+        self, binding: Binding, *, consume_otp: str | None, now: datetime, consume_nonce: str | None = None
+    ) -> None:
         with self._tx() as conn:
-            if consume_otp is not None:
-                cur = conn.execute(
-                    "UPDATE otps SET state = 'used' WHERE transaction_id = ? AND state = 'pending'", (consume_otp,)
-                )
-                if cur.rowcount != 1:
-                    raise OtpAlreadyUsed(consume_otp)
+            self._consume(conn, consume_otp, consume_nonce, now)
             owner = conn.execute(
                 "SELECT id_hmac FROM wallet_keys WHERE key_fingerprint = ?", (binding.key_fingerprint,)
             ).fetchone()
@@ -242,27 +252,74 @@ class SqliteStore:
         rows = self._query(
             "SELECT * FROM bindings WHERE id_hmac = ? AND partner_id = ? ORDER BY id", (id_hmac, partner_id)
         )
-        return [
-            Binding(
-                id_hmac=bytes(r["id_hmac"]),
-                partner_id=r["partner_id"],
-                auth_factor_type=r["auth_factor_type"],
-                psut=r["psut"],
-                key_fingerprint=r["key_fingerprint"],
-                certificate_pem=r["certificate_pem"],
-                cert_thumbprint=r["cert_thumbprint"],
-                serial_hex=r["serial_hex"],
-                issuer_key_label=r["issuer_key_label"],
-                created_at=parse_ts(r["created_at"]),
-                expires_at=parse_ts(r["expires_at"]),
-                status=BindingStatus(r["status"]),
-                superseded_at=parse_ts(r["superseded_at"]) if r["superseded_at"] else None,
+        return [_binding(r) for r in rows]
+
+    def active_binding(self, id_hmac: bytes, partner_id: str, factor: str) -> Binding | None:
+        rows = self._query(
+            "SELECT * FROM bindings"
+            " WHERE id_hmac = ? AND partner_id = ? AND auth_factor_type = ? AND status = 'active'",
+            (id_hmac, partner_id, factor),
+        )
+        return _binding(rows[0]) if rows else None
+
+    def binding_by_thumbprint(self, thumbprint: str) -> Binding | None:
+        rows = self._query("SELECT * FROM bindings WHERE cert_thumbprint = ?", (thumbprint,))
+        return _binding(rows[0]) if rows else None
+
+    def latest_binding_by_psut(self, psut: str, partner_id: str, factor: str) -> Binding | None:
+        rows = self._query(
+            "SELECT * FROM bindings WHERE psut = ? AND partner_id = ? AND auth_factor_type = ?"
+            " ORDER BY status = 'active' DESC, id DESC LIMIT 1",
+            (psut, partner_id, factor),
+        )
+        return _binding(rows[0]) if rows else None
+
+    def revoke_binding(
+        self, id_hmac: bytes, partner_id: str, factor: str, *, reason: str, now: datetime, consume_otp: str | None
+    ) -> Binding | None:
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE bindings SET status = 'revoked', revoked_at = ?, revocation_reason = ?"
+                " WHERE id_hmac = ? AND partner_id = ? AND auth_factor_type = ? AND status = 'active'"
+                " RETURNING *",
+                (ts(now), reason, id_hmac, partner_id, factor),
             )
-            for r in rows
-        ]
+            cur.row_factory = sqlite3.Row
+            row = cur.fetchone()
+            if row is None:
+                return None  # nothing changed; the OTP stays usable
+            self._consume(conn, consume_otp, None, now)
+        return _binding(row)
+
+    # -- WLA replay cache and PoP nonces --------------------------------------------------
+
+    def claim_jti(self, id_hmac: bytes, jti: str, expires_at: datetime, now: datetime) -> bool:
+        with self._tx() as conn:
+            # Expired entries of this individual can go: their tokens fail the exp check anyway.
+            conn.execute("DELETE FROM wla_jtis WHERE id_hmac = ? AND expires_at <= ?", (id_hmac, ts(now)))
+            cur = conn.execute(
+                "INSERT INTO wla_jtis (id_hmac, jti, expires_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                (id_hmac, jti, ts(expires_at)),
+            )
+            return cur.rowcount == 1
+
+    def create_nonce(self, nonce: str, id_hmac: bytes, partner_id: str, expires_at: datetime) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO binding_nonces (nonce, id_hmac, partner_id, expires_at) VALUES (?, ?, ?, ?)",
+                (nonce, id_hmac, partner_id, ts(expires_at)),
+            )
+
+    def nonce_usable(self, nonce: str, id_hmac: bytes, partner_id: str, now: datetime) -> bool:
+        rows = self._query(
+            "SELECT 1 FROM binding_nonces WHERE nonce = ? AND id_hmac = ? AND partner_id = ?"
+            " AND used_at IS NULL AND expires_at > ?",
+            (nonce, id_hmac, partner_id, ts(now)),
+        )
+        return bool(rows)
 
     def count_rows(self, table: str) -> int:
-        if table not in {"individuals", "otps", "bindings", "wallet_keys", "issuers"}:
+        if table not in {"individuals", "otps", "bindings", "wallet_keys", "issuers", "wla_jtis", "binding_nonces"}:
             raise ValueError(table)
         return int(self._query(f"SELECT count(*) AS n FROM {table}", ())[0]["n"])  # noqa: S608
 
@@ -294,3 +351,23 @@ class SqliteStore:
             )
             for r in rows
         ]
+
+
+def _binding(r: sqlite3.Row) -> Binding:
+    return Binding(
+        id_hmac=bytes(r["id_hmac"]),
+        partner_id=r["partner_id"],
+        auth_factor_type=r["auth_factor_type"],
+        psut=r["psut"],
+        key_fingerprint=r["key_fingerprint"],
+        certificate_pem=r["certificate_pem"],
+        cert_thumbprint=r["cert_thumbprint"],
+        serial_hex=r["serial_hex"],
+        issuer_key_label=r["issuer_key_label"],
+        created_at=parse_ts(r["created_at"]),
+        expires_at=parse_ts(r["expires_at"]),
+        status=BindingStatus(r["status"]),
+        superseded_at=parse_ts(r["superseded_at"]) if r["superseded_at"] else None,
+        revoked_at=parse_ts(r["revoked_at"]) if r["revoked_at"] else None,
+        revocation_reason=r["revocation_reason"],
+    )

@@ -26,13 +26,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ckeybinder/v1/keybinder.proto\x12\x0ckeybinder.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"D\n\x15SendBindingOtpRequest\x12\x15\n\rindividual_id\x18\x01 \x01(\t\x12\x14\n\x0cotp_channels\x18\x02 \x03(\t\"]\n\x16SendBindingOtpResponse\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x14\n\x0cmasked_email\x18\x02 \x01(\t\x12\x15\n\rmasked_mobile\x18\x03 \x01(\t\"L\n\rAuthChallenge\x12\x18\n\x10\x61uth_factor_type\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x11\n\tchallenge\x18\x03 \x01(\t\"\x94\x01\n\x13\x44oKeyBindingRequest\x12\x15\n\rindividual_id\x18\x01 \x01(\t\x12/\n\nchallenges\x18\x02 \x03(\x0b\x32\x1b.keybinder.v1.AuthChallenge\x12\x16\n\x0epublic_key_jwk\x18\x03 \x01(\t\x12\x1d\n\x15\x62ind_auth_factor_type\x18\x04 \x01(\t\"\x94\x01\n\x14\x44oKeyBindingResponse\x12\x13\n\x0b\x63\x65rtificate\x18\x01 \x01(\t\x12#\n\x1bpartner_specific_user_token\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nthumbprint\x18\x04 \x01(\t\"?\n#GetSupportedChallengeFormatsRequest\x12\x18\n\x10\x61uth_factor_type\x18\x01 \x01(\t\"7\n$GetSupportedChallengeFormatsResponse\x12\x0f\n\x07\x66ormats\x18\x01 \x03(\t2\xce\x02\n\x10KeyBinderService\x12[\n\x0eSendBindingOtp\x12#.keybinder.v1.SendBindingOtpRequest\x1a$.keybinder.v1.SendBindingOtpResponse\x12U\n\x0c\x44oKeyBinding\x12!.keybinder.v1.DoKeyBindingRequest\x1a\".keybinder.v1.DoKeyBindingResponse\x12\x85\x01\n\x1cGetSupportedChallengeFormats\x12\x31.keybinder.v1.GetSupportedChallengeFormatsRequest\x1a\x32.keybinder.v1.GetSupportedChallengeFormatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ckeybinder/v1/keybinder.proto\x12\x0ckeybinder.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"D\n\x15SendBindingOtpRequest\x12\x15\n\rindividual_id\x18\x01 \x01(\t\x12\x14\n\x0cotp_channels\x18\x02 \x03(\t\"]\n\x16SendBindingOtpResponse\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x14\n\x0cmasked_email\x18\x02 \x01(\t\x12\x15\n\rmasked_mobile\x18\x03 \x01(\t\"L\n\rAuthChallenge\x12\x18\n\x10\x61uth_factor_type\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x11\n\tchallenge\x18\x03 \x01(\t\"\xb1\x01\n\x13\x44oKeyBindingRequest\x12\x15\n\rindividual_id\x18\x01 \x01(\t\x12/\n\nchallenges\x18\x02 \x03(\x0b\x32\x1b.keybinder.v1.AuthChallenge\x12\x16\n\x0epublic_key_jwk\x18\x03 \x01(\t\x12\x1d\n\x15\x62ind_auth_factor_type\x18\x04 \x01(\t\x12\x1b\n\x13proof_of_possession\x18\x05 \x01(\t\"\x94\x01\n\x14\x44oKeyBindingResponse\x12\x13\n\x0b\x63\x65rtificate\x18\x01 \x01(\t\x12#\n\x1bpartner_specific_user_token\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nthumbprint\x18\x04 \x01(\t\"?\n#GetSupportedChallengeFormatsRequest\x12\x18\n\x10\x61uth_factor_type\x18\x01 \x01(\t\"7\n$GetSupportedChallengeFormatsResponse\x12\x0f\n\x07\x66ormats\x18\x01 \x03(\t\"z\n\x18VerifyWalletTokenRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x15\n\rindividual_id\x18\x02 \x01(\t\x12\x19\n\x11\x65xpected_audience\x18\x03 \x01(\t\x12\x1d\n\x15\x62ind_auth_factor_type\x18\x04 \x01(\t\"\xde\x01\n\x19VerifyWalletTokenResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12#\n\x1bpartner_specific_user_token\x18\x02 \x01(\t\x12\x12\n\nthumbprint\x18\x03 \x01(\t\x12\x36\n\x12\x62inding_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03jti\x18\x05 \x01(\t\x12\x34\n\x10token_expires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1e\n\x1cGetIssuerCertificatesRequest\"C\n\x1dGetIssuerCertificatesResponse\x12\x14\n\x0c\x63\x65rtificates\x18\x01 \x03(\t\x12\x0c\n\x04jwks\x18\x02 \x01(\t\"\x8d\x01\n\x14RevokeBindingRequest\x12\x15\n\rindividual_id\x18\x01 \x01(\t\x12/\n\nchallenges\x18\x02 \x03(\x0b\x32\x1b.keybinder.v1.AuthChallenge\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x1d\n\x15\x62ind_auth_factor_type\x18\x04 \x01(\t\"[\n\x15RevokeBindingResponse\x12\x12\n\nthumbprint\x18\x01 \x01(\t\x12.\n\nrevoked_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"{\n\x11GetBindingRequest\x12%\n\x1bpartner_specific_user_token\x18\x01 \x01(\tH\x00\x12\x14\n\nthumbprint\x18\x02 \x01(\tH\x00\x12\x1d\n\x15\x62ind_auth_factor_type\x18\x03 \x01(\tB\n\n\x08selector\"\xd7\x02\n\x12GetBindingResponse\x12+\n\x06status\x18\x01 \x01(\x0e\x32\x1b.keybinder.v1.BindingStatus\x12\x12\n\nthumbprint\x18\x02 \x01(\t\x12#\n\x1bpartner_specific_user_token\x18\x03 \x01(\t\x12\x1d\n\x15\x62ind_auth_factor_type\x18\x04 \x01(\t\x12\x13\n\x0b\x63\x65rtificate\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11revocation_reason\x18\t \x01(\t\"/\n\x16GetBindingNonceRequest\x12\x15\n\rindividual_id\x18\x01 \x01(\t\"X\n\x17GetBindingNonceResponse\x12\r\n\x05nonce\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xa1\x01\n\rBindingStatus\x12\x1e\n\x1a\x42INDING_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x42INDING_STATUS_ACTIVE\x10\x01\x12\x1d\n\x19\x42INDING_STATUS_SUPERSEDED\x10\x02\x12\x1a\n\x16\x42INDING_STATUS_REVOKED\x10\x03\x12\x1a\n\x16\x42INDING_STATUS_EXPIRED\x10\x04\x32\xb1\x06\n\x10KeyBinderService\x12[\n\x0eSendBindingOtp\x12#.keybinder.v1.SendBindingOtpRequest\x1a$.keybinder.v1.SendBindingOtpResponse\x12U\n\x0c\x44oKeyBinding\x12!.keybinder.v1.DoKeyBindingRequest\x1a\".keybinder.v1.DoKeyBindingResponse\x12\x85\x01\n\x1cGetSupportedChallengeFormats\x12\x31.keybinder.v1.GetSupportedChallengeFormatsRequest\x1a\x32.keybinder.v1.GetSupportedChallengeFormatsResponse\x12\x64\n\x11VerifyWalletToken\x12&.keybinder.v1.VerifyWalletTokenRequest\x1a\'.keybinder.v1.VerifyWalletTokenResponse\x12p\n\x15GetIssuerCertificates\x12*.keybinder.v1.GetIssuerCertificatesRequest\x1a+.keybinder.v1.GetIssuerCertificatesResponse\x12X\n\rRevokeBinding\x12\".keybinder.v1.RevokeBindingRequest\x1a#.keybinder.v1.RevokeBindingResponse\x12O\n\nGetBinding\x12\x1f.keybinder.v1.GetBindingRequest\x1a .keybinder.v1.GetBindingResponse\x12^\n\x0fGetBindingNonce\x12$.keybinder.v1.GetBindingNonceRequest\x1a%.keybinder.v1.GetBindingNonceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'keybinder.v1.keybinder_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_BINDINGSTATUS']._serialized_start=2073
+  _globals['_BINDINGSTATUS']._serialized_end=2234
   _globals['_SENDBINDINGOTPREQUEST']._serialized_start=79
   _globals['_SENDBINDINGOTPREQUEST']._serialized_end=147
   _globals['_SENDBINDINGOTPRESPONSE']._serialized_start=149
@@ -40,13 +42,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUTHCHALLENGE']._serialized_start=244
   _globals['_AUTHCHALLENGE']._serialized_end=320
   _globals['_DOKEYBINDINGREQUEST']._serialized_start=323
-  _globals['_DOKEYBINDINGREQUEST']._serialized_end=471
-  _globals['_DOKEYBINDINGRESPONSE']._serialized_start=474
-  _globals['_DOKEYBINDINGRESPONSE']._serialized_end=622
-  _globals['_GETSUPPORTEDCHALLENGEFORMATSREQUEST']._serialized_start=624
-  _globals['_GETSUPPORTEDCHALLENGEFORMATSREQUEST']._serialized_end=687
-  _globals['_GETSUPPORTEDCHALLENGEFORMATSRESPONSE']._serialized_start=689
-  _globals['_GETSUPPORTEDCHALLENGEFORMATSRESPONSE']._serialized_end=744
-  _globals['_KEYBINDERSERVICE']._serialized_start=747
-  _globals['_KEYBINDERSERVICE']._serialized_end=1081
+  _globals['_DOKEYBINDINGREQUEST']._serialized_end=500
+  _globals['_DOKEYBINDINGRESPONSE']._serialized_start=503
+  _globals['_DOKEYBINDINGRESPONSE']._serialized_end=651
+  _globals['_GETSUPPORTEDCHALLENGEFORMATSREQUEST']._serialized_start=653
+  _globals['_GETSUPPORTEDCHALLENGEFORMATSREQUEST']._serialized_end=716
+  _globals['_GETSUPPORTEDCHALLENGEFORMATSRESPONSE']._serialized_start=718
+  _globals['_GETSUPPORTEDCHALLENGEFORMATSRESPONSE']._serialized_end=773
+  _globals['_VERIFYWALLETTOKENREQUEST']._serialized_start=775
+  _globals['_VERIFYWALLETTOKENREQUEST']._serialized_end=897
+  _globals['_VERIFYWALLETTOKENRESPONSE']._serialized_start=900
+  _globals['_VERIFYWALLETTOKENRESPONSE']._serialized_end=1122
+  _globals['_GETISSUERCERTIFICATESREQUEST']._serialized_start=1124
+  _globals['_GETISSUERCERTIFICATESREQUEST']._serialized_end=1154
+  _globals['_GETISSUERCERTIFICATESRESPONSE']._serialized_start=1156
+  _globals['_GETISSUERCERTIFICATESRESPONSE']._serialized_end=1223
+  _globals['_REVOKEBINDINGREQUEST']._serialized_start=1226
+  _globals['_REVOKEBINDINGREQUEST']._serialized_end=1367
+  _globals['_REVOKEBINDINGRESPONSE']._serialized_start=1369
+  _globals['_REVOKEBINDINGRESPONSE']._serialized_end=1460
+  _globals['_GETBINDINGREQUEST']._serialized_start=1462
+  _globals['_GETBINDINGREQUEST']._serialized_end=1585
+  _globals['_GETBINDINGRESPONSE']._serialized_start=1588
+  _globals['_GETBINDINGRESPONSE']._serialized_end=1931
+  _globals['_GETBINDINGNONCEREQUEST']._serialized_start=1933
+  _globals['_GETBINDINGNONCEREQUEST']._serialized_end=1980
+  _globals['_GETBINDINGNONCERESPONSE']._serialized_start=1982
+  _globals['_GETBINDINGNONCERESPONSE']._serialized_end=2070
+  _globals['_KEYBINDERSERVICE']._serialized_start=2237
+  _globals['_KEYBINDERSERVICE']._serialized_end=3054
 # @@protoc_insertion_point(module_scope)

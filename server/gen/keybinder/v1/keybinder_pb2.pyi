@@ -3,12 +3,26 @@ import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class BindingStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BINDING_STATUS_UNSPECIFIED: _ClassVar[BindingStatus]
+    BINDING_STATUS_ACTIVE: _ClassVar[BindingStatus]
+    BINDING_STATUS_SUPERSEDED: _ClassVar[BindingStatus]
+    BINDING_STATUS_REVOKED: _ClassVar[BindingStatus]
+    BINDING_STATUS_EXPIRED: _ClassVar[BindingStatus]
+BINDING_STATUS_UNSPECIFIED: BindingStatus
+BINDING_STATUS_ACTIVE: BindingStatus
+BINDING_STATUS_SUPERSEDED: BindingStatus
+BINDING_STATUS_REVOKED: BindingStatus
+BINDING_STATUS_EXPIRED: BindingStatus
 
 class SendBindingOtpRequest(_message.Message):
     __slots__ = ("individual_id", "otp_channels")
@@ -39,16 +53,18 @@ class AuthChallenge(_message.Message):
     def __init__(self, auth_factor_type: _Optional[str] = ..., format: _Optional[str] = ..., challenge: _Optional[str] = ...) -> None: ...
 
 class DoKeyBindingRequest(_message.Message):
-    __slots__ = ("individual_id", "challenges", "public_key_jwk", "bind_auth_factor_type")
+    __slots__ = ("individual_id", "challenges", "public_key_jwk", "bind_auth_factor_type", "proof_of_possession")
     INDIVIDUAL_ID_FIELD_NUMBER: _ClassVar[int]
     CHALLENGES_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_JWK_FIELD_NUMBER: _ClassVar[int]
     BIND_AUTH_FACTOR_TYPE_FIELD_NUMBER: _ClassVar[int]
+    PROOF_OF_POSSESSION_FIELD_NUMBER: _ClassVar[int]
     individual_id: str
     challenges: _containers.RepeatedCompositeFieldContainer[AuthChallenge]
     public_key_jwk: str
     bind_auth_factor_type: str
-    def __init__(self, individual_id: _Optional[str] = ..., challenges: _Optional[_Iterable[_Union[AuthChallenge, _Mapping]]] = ..., public_key_jwk: _Optional[str] = ..., bind_auth_factor_type: _Optional[str] = ...) -> None: ...
+    proof_of_possession: str
+    def __init__(self, individual_id: _Optional[str] = ..., challenges: _Optional[_Iterable[_Union[AuthChallenge, _Mapping]]] = ..., public_key_jwk: _Optional[str] = ..., bind_auth_factor_type: _Optional[str] = ..., proof_of_possession: _Optional[str] = ...) -> None: ...
 
 class DoKeyBindingResponse(_message.Message):
     __slots__ = ("certificate", "partner_specific_user_token", "expires_at", "thumbprint")
@@ -73,3 +89,109 @@ class GetSupportedChallengeFormatsResponse(_message.Message):
     FORMATS_FIELD_NUMBER: _ClassVar[int]
     formats: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, formats: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class VerifyWalletTokenRequest(_message.Message):
+    __slots__ = ("token", "individual_id", "expected_audience", "bind_auth_factor_type")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    INDIVIDUAL_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_AUDIENCE_FIELD_NUMBER: _ClassVar[int]
+    BIND_AUTH_FACTOR_TYPE_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    individual_id: str
+    expected_audience: str
+    bind_auth_factor_type: str
+    def __init__(self, token: _Optional[str] = ..., individual_id: _Optional[str] = ..., expected_audience: _Optional[str] = ..., bind_auth_factor_type: _Optional[str] = ...) -> None: ...
+
+class VerifyWalletTokenResponse(_message.Message):
+    __slots__ = ("valid", "partner_specific_user_token", "thumbprint", "binding_expires_at", "jti", "token_expires_at")
+    VALID_FIELD_NUMBER: _ClassVar[int]
+    PARTNER_SPECIFIC_USER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    THUMBPRINT_FIELD_NUMBER: _ClassVar[int]
+    BINDING_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    JTI_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    valid: bool
+    partner_specific_user_token: str
+    thumbprint: str
+    binding_expires_at: _timestamp_pb2.Timestamp
+    jti: str
+    token_expires_at: _timestamp_pb2.Timestamp
+    def __init__(self, valid: _Optional[bool] = ..., partner_specific_user_token: _Optional[str] = ..., thumbprint: _Optional[str] = ..., binding_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., jti: _Optional[str] = ..., token_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class GetIssuerCertificatesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetIssuerCertificatesResponse(_message.Message):
+    __slots__ = ("certificates", "jwks")
+    CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
+    JWKS_FIELD_NUMBER: _ClassVar[int]
+    certificates: _containers.RepeatedScalarFieldContainer[str]
+    jwks: str
+    def __init__(self, certificates: _Optional[_Iterable[str]] = ..., jwks: _Optional[str] = ...) -> None: ...
+
+class RevokeBindingRequest(_message.Message):
+    __slots__ = ("individual_id", "challenges", "reason", "bind_auth_factor_type")
+    INDIVIDUAL_ID_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGES_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    BIND_AUTH_FACTOR_TYPE_FIELD_NUMBER: _ClassVar[int]
+    individual_id: str
+    challenges: _containers.RepeatedCompositeFieldContainer[AuthChallenge]
+    reason: str
+    bind_auth_factor_type: str
+    def __init__(self, individual_id: _Optional[str] = ..., challenges: _Optional[_Iterable[_Union[AuthChallenge, _Mapping]]] = ..., reason: _Optional[str] = ..., bind_auth_factor_type: _Optional[str] = ...) -> None: ...
+
+class RevokeBindingResponse(_message.Message):
+    __slots__ = ("thumbprint", "revoked_at")
+    THUMBPRINT_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
+    thumbprint: str
+    revoked_at: _timestamp_pb2.Timestamp
+    def __init__(self, thumbprint: _Optional[str] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class GetBindingRequest(_message.Message):
+    __slots__ = ("partner_specific_user_token", "thumbprint", "bind_auth_factor_type")
+    PARTNER_SPECIFIC_USER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    THUMBPRINT_FIELD_NUMBER: _ClassVar[int]
+    BIND_AUTH_FACTOR_TYPE_FIELD_NUMBER: _ClassVar[int]
+    partner_specific_user_token: str
+    thumbprint: str
+    bind_auth_factor_type: str
+    def __init__(self, partner_specific_user_token: _Optional[str] = ..., thumbprint: _Optional[str] = ..., bind_auth_factor_type: _Optional[str] = ...) -> None: ...
+
+class GetBindingResponse(_message.Message):
+    __slots__ = ("status", "thumbprint", "partner_specific_user_token", "bind_auth_factor_type", "certificate", "created_at", "expires_at", "ended_at", "revocation_reason")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    THUMBPRINT_FIELD_NUMBER: _ClassVar[int]
+    PARTNER_SPECIFIC_USER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    BIND_AUTH_FACTOR_TYPE_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    ENDED_AT_FIELD_NUMBER: _ClassVar[int]
+    REVOCATION_REASON_FIELD_NUMBER: _ClassVar[int]
+    status: BindingStatus
+    thumbprint: str
+    partner_specific_user_token: str
+    bind_auth_factor_type: str
+    certificate: str
+    created_at: _timestamp_pb2.Timestamp
+    expires_at: _timestamp_pb2.Timestamp
+    ended_at: _timestamp_pb2.Timestamp
+    revocation_reason: str
+    def __init__(self, status: _Optional[_Union[BindingStatus, str]] = ..., thumbprint: _Optional[str] = ..., partner_specific_user_token: _Optional[str] = ..., bind_auth_factor_type: _Optional[str] = ..., certificate: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revocation_reason: _Optional[str] = ...) -> None: ...
+
+class GetBindingNonceRequest(_message.Message):
+    __slots__ = ("individual_id",)
+    INDIVIDUAL_ID_FIELD_NUMBER: _ClassVar[int]
+    individual_id: str
+    def __init__(self, individual_id: _Optional[str] = ...) -> None: ...
+
+class GetBindingNonceResponse(_message.Message):
+    __slots__ = ("nonce", "expires_at")
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    nonce: str
+    expires_at: _timestamp_pb2.Timestamp
+    def __init__(self, nonce: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

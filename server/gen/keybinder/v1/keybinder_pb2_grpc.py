@@ -51,6 +51,31 @@ class KeyBinderServiceStub:
                 request_serializer=keybinder_dot_v1_dot_keybinder__pb2.GetSupportedChallengeFormatsRequest.SerializeToString,
                 response_deserializer=keybinder_dot_v1_dot_keybinder__pb2.GetSupportedChallengeFormatsResponse.FromString,
                 _registered_method=True)
+        self.VerifyWalletToken = channel.unary_unary(
+                '/keybinder.v1.KeyBinderService/VerifyWalletToken',
+                request_serializer=keybinder_dot_v1_dot_keybinder__pb2.VerifyWalletTokenRequest.SerializeToString,
+                response_deserializer=keybinder_dot_v1_dot_keybinder__pb2.VerifyWalletTokenResponse.FromString,
+                _registered_method=True)
+        self.GetIssuerCertificates = channel.unary_unary(
+                '/keybinder.v1.KeyBinderService/GetIssuerCertificates',
+                request_serializer=keybinder_dot_v1_dot_keybinder__pb2.GetIssuerCertificatesRequest.SerializeToString,
+                response_deserializer=keybinder_dot_v1_dot_keybinder__pb2.GetIssuerCertificatesResponse.FromString,
+                _registered_method=True)
+        self.RevokeBinding = channel.unary_unary(
+                '/keybinder.v1.KeyBinderService/RevokeBinding',
+                request_serializer=keybinder_dot_v1_dot_keybinder__pb2.RevokeBindingRequest.SerializeToString,
+                response_deserializer=keybinder_dot_v1_dot_keybinder__pb2.RevokeBindingResponse.FromString,
+                _registered_method=True)
+        self.GetBinding = channel.unary_unary(
+                '/keybinder.v1.KeyBinderService/GetBinding',
+                request_serializer=keybinder_dot_v1_dot_keybinder__pb2.GetBindingRequest.SerializeToString,
+                response_deserializer=keybinder_dot_v1_dot_keybinder__pb2.GetBindingResponse.FromString,
+                _registered_method=True)
+        self.GetBindingNonce = channel.unary_unary(
+                '/keybinder.v1.KeyBinderService/GetBindingNonce',
+                request_serializer=keybinder_dot_v1_dot_keybinder__pb2.GetBindingNonceRequest.SerializeToString,
+                response_deserializer=keybinder_dot_v1_dot_keybinder__pb2.GetBindingNonceResponse.FromString,
+                _registered_method=True)
 
 
 class KeyBinderServiceServicer:
@@ -79,6 +104,44 @@ class KeyBinderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyWalletToken(self, request, context):
+        """Verifies a Wallet Local Authentication token (a JWT signed by the individual's bound wallet
+        key). Every failure carries its own reason (token_replayed, binding_expired, ...).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetIssuerCertificates(self, request, context):
+        """Everything a relying party needs to verify wallet certificates offline: every issuer
+        certificate that may still have unexpired wallet certificates, as PEM and as a JWKS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeBinding(self, request, context):
+        """Revokes the individual's active binding for this partner and factor, authenticated by
+        challenges exactly as DoKeyBinding is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBinding(self, request, context):
+        """The state of a binding of this partner, by PSUT (the current or latest one) or by thumbprint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBindingNonce(self, request, context):
+        """A single-use nonce for DoKeyBinding's proof of possession when no OTP is involved.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyBinderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +159,31 @@ def add_KeyBinderServiceServicer_to_server(servicer, server):
                     servicer.GetSupportedChallengeFormats,
                     request_deserializer=keybinder_dot_v1_dot_keybinder__pb2.GetSupportedChallengeFormatsRequest.FromString,
                     response_serializer=keybinder_dot_v1_dot_keybinder__pb2.GetSupportedChallengeFormatsResponse.SerializeToString,
+            ),
+            'VerifyWalletToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyWalletToken,
+                    request_deserializer=keybinder_dot_v1_dot_keybinder__pb2.VerifyWalletTokenRequest.FromString,
+                    response_serializer=keybinder_dot_v1_dot_keybinder__pb2.VerifyWalletTokenResponse.SerializeToString,
+            ),
+            'GetIssuerCertificates': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetIssuerCertificates,
+                    request_deserializer=keybinder_dot_v1_dot_keybinder__pb2.GetIssuerCertificatesRequest.FromString,
+                    response_serializer=keybinder_dot_v1_dot_keybinder__pb2.GetIssuerCertificatesResponse.SerializeToString,
+            ),
+            'RevokeBinding': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeBinding,
+                    request_deserializer=keybinder_dot_v1_dot_keybinder__pb2.RevokeBindingRequest.FromString,
+                    response_serializer=keybinder_dot_v1_dot_keybinder__pb2.RevokeBindingResponse.SerializeToString,
+            ),
+            'GetBinding': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBinding,
+                    request_deserializer=keybinder_dot_v1_dot_keybinder__pb2.GetBindingRequest.FromString,
+                    response_serializer=keybinder_dot_v1_dot_keybinder__pb2.GetBindingResponse.SerializeToString,
+            ),
+            'GetBindingNonce': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBindingNonce,
+                    request_deserializer=keybinder_dot_v1_dot_keybinder__pb2.GetBindingNonceRequest.FromString,
+                    response_serializer=keybinder_dot_v1_dot_keybinder__pb2.GetBindingNonceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -180,6 +268,141 @@ class KeyBinderService:
             '/keybinder.v1.KeyBinderService/GetSupportedChallengeFormats',
             keybinder_dot_v1_dot_keybinder__pb2.GetSupportedChallengeFormatsRequest.SerializeToString,
             keybinder_dot_v1_dot_keybinder__pb2.GetSupportedChallengeFormatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyWalletToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybinder.v1.KeyBinderService/VerifyWalletToken',
+            keybinder_dot_v1_dot_keybinder__pb2.VerifyWalletTokenRequest.SerializeToString,
+            keybinder_dot_v1_dot_keybinder__pb2.VerifyWalletTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetIssuerCertificates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybinder.v1.KeyBinderService/GetIssuerCertificates',
+            keybinder_dot_v1_dot_keybinder__pb2.GetIssuerCertificatesRequest.SerializeToString,
+            keybinder_dot_v1_dot_keybinder__pb2.GetIssuerCertificatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeBinding(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybinder.v1.KeyBinderService/RevokeBinding',
+            keybinder_dot_v1_dot_keybinder__pb2.RevokeBindingRequest.SerializeToString,
+            keybinder_dot_v1_dot_keybinder__pb2.RevokeBindingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBinding(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybinder.v1.KeyBinderService/GetBinding',
+            keybinder_dot_v1_dot_keybinder__pb2.GetBindingRequest.SerializeToString,
+            keybinder_dot_v1_dot_keybinder__pb2.GetBindingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBindingNonce(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybinder.v1.KeyBinderService/GetBindingNonce',
+            keybinder_dot_v1_dot_keybinder__pb2.GetBindingNonceRequest.SerializeToString,
+            keybinder_dot_v1_dot_keybinder__pb2.GetBindingNonceResponse.FromString,
             options,
             channel_credentials,
             insecure,
