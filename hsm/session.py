@@ -112,7 +112,17 @@ class Pkcs11Session:
     def _ensure_open(self) -> pkcs11.Session:
         if self._closed:
             raise HsmError("the HSM session has been closed")
-        epoch = _module_epochs.get(self.uri.module_path, 0)
+        path = self.uri.module_path
+        if self._lib is not None and _module_needs_reinit.get(path):
+            # C_Finalize + C_Initialize is the only way back after the device or the token
+            # directory went away; it fails for as long as they are still gone.
+            try:
+                self._lib.reinitialize()
+            except p11err.PKCS11Error as err:
+                raise HsmUnavailableError(f"re-initialising PKCS#11 module {path}: {type(err).__name__}") from err
+            _module_needs_reinit[path] = False
+            _module_epochs[path] = _module_epochs.get(path, 0) + 1
+        epoch = _module_epochs.get(path, 0)
         if self._session is not None and self._epoch == epoch:
             return self._session
         # Either never opened, or the library was re-initialised (by us or another token's
@@ -121,14 +131,22 @@ class Pkcs11Session:
         pin = self.uri.read_pin()
         if self._lib is None:
             try:
-                self._lib = pkcs11.lib(self.uri.module_path)
+                self._lib = pkcs11.lib(path)
             except (p11err.PKCS11Error, OSError) as err:
-                raise HsmUnavailableError(f"cannot load PKCS#11 module {self.uri.module_path}") from err
+                raise HsmUnavailableError(f"cannot load PKCS#11 module {path}") from err
         try:
             token = self._lib.get_token(token_label=self.uri.token)
             self._session = token.open(rw=True, user_pin=pin)
         except p11err.PKCS11Error as err:
-            raise translate(err, f"opening token {self.uri.token!r}") from err
+            translated = translate(err, f"opening token {self.uri.token!r}")
+            if isinstance(translated, PinIncorrectError):
+                raise translated from err
+            # The module's view of its slots may be stale (e.g. a token that came back):
+            # re-initialise before the next attempt.
+            _module_needs_reinit[path] = True
+            if isinstance(translated, HsmUnavailableError | TokenNotFoundError):
+                raise translated from err
+            raise HsmUnavailableError(f"opening token {self.uri.token!r}: {type(err).__name__}") from err
         self._epoch = epoch
         self._generation += 1
         log.info("logged in to token %r (generation %d)", self.uri.token, self._generation)
@@ -155,16 +173,11 @@ class Pkcs11Session:
         """Forget the session after a device error; the next call re-initialises the library.
 
         Old handles are invalid after C_Finalize, and a new C_Login on a still-initialised
-        library answers UserAlreadyLoggedIn, so recovery is a full reinitialize then login.
+        library answers UserAlreadyLoggedIn, so recovery is a full reinitialize then login,
+        done lazily by the next call so that it is retried until the HSM is back.
         """
         self._session = None
-        if self._lib is not None:
-            try:
-                self._lib.reinitialize()
-            except p11err.PKCS11Error as err:
-                log.warning("PKCS#11 reinitialize failed: %s", type(err).__name__)
-            # Every session of every token on this module is now invalid.
-            _module_epochs[self.uri.module_path] = _module_epochs.get(self.uri.module_path, 0) + 1
+        _module_needs_reinit[self.uri.module_path] = True
 
     def reconnect(self) -> None:
         """Re-initialise the library and log in again (after the token came back)."""
@@ -194,6 +207,8 @@ _sessions: dict[tuple[str, str], Pkcs11Session] = {}
 _module_locks: dict[str, threading.RLock] = {}
 #: Bumped when a module is re-initialised; sessions opened under an older epoch are dead.
 _module_epochs: dict[str, int] = {}
+#: Set after a device/session error: the next call into the module re-initialises it first.
+_module_needs_reinit: dict[str, bool] = {}
 
 
 def module_lock(module_path: str) -> threading.RLock:

@@ -10,6 +10,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding
 
 from hsm import KeyKind, Pkcs11KeyManager
 from hsm.provision import init_token, token_exists
@@ -37,6 +39,18 @@ class App:
     keys: Pkcs11KeyManager
     store: SqliteStore
     service: KeyBinderService
+
+    def probe(self) -> None:
+        """One signature with the active issuer key in the HSM and one database round trip."""
+        signer = self.service.active_issuer().signer
+        data = b"keybinder health probe"
+        if isinstance(signer, ed25519.Ed25519PrivateKey):
+            signer.sign(data)
+        elif isinstance(signer, ec.EllipticCurvePrivateKey):
+            signer.sign(data, ec.ECDSA(hashes.SHA256()))
+        else:
+            signer.sign(data, padding.PKCS1v15(), hashes.SHA256())
+        self.store.ping()
 
     def close(self) -> None:
         self.store.close()

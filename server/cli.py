@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -89,21 +90,30 @@ def serve(
     hsm_uri: HsmOpt = None,
     listen: Annotated[str | None, typer.Option("--listen", help="host:port [default: 127.0.0.1:50051].")] = None,
     port: Annotated[int | None, typer.Option("--port", help="Port on the default host; 0 picks a free one.")] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="Serving processes sharing the port [default: one per CPU].")
+    ] = None,
 ) -> None:
     """Serve keybinder.v1.KeyBinderService (plus health and reflection) until SIGTERM."""
     from hsm import HsmError
     from server.serve import serve as run
+    from server.workers import run_workers
 
     if port is not None and listen is None:
         listen = f"127.0.0.1:{port}"
-    settings = _settings(config, data_dir, database_url, hsm_uri, listen=listen)
+    settings = _settings(config, data_dir, database_url, hsm_uri, listen=listen, workers=workers)
+    count = settings.workers or os.cpu_count() or 1
 
     def ready(bound: int) -> None:
         # One machine-readable line on stdout so scripts (and tests) can find a port-0 server.
-        print(f"keybinder listening on {settings.host_port[0]}:{bound}", flush=True)
+        suffix = f" ({count} workers)" if count > 1 else ""
+        print(f"keybinder listening on {settings.host_port[0]}:{bound}{suffix}", flush=True)
 
     try:
-        asyncio.run(run(settings, ready))
+        if count == 1:
+            asyncio.run(run(settings, ready))
+        else:
+            raise typer.Exit(run_workers(settings, count, ready))
     except (HsmError, OSError) as err:
         raise _fail(err) from err
 

@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     )
     rpc_threads: int = Field(8, ge=1, le=256, description="Threads running blocking service calls per process.")
     shutdown_grace_seconds: float = Field(10.0, ge=0, description="Time in-flight RPCs get on SIGTERM.")
+    workers: int = Field(0, ge=0, le=256, description="Serving processes on one port; 0 means one per CPU.")
+    health_probe_seconds: float = Field(5.0, gt=0, le=300, description="Interval of the HSM + database probe.")
     log_level: str = Field("INFO", description="Python logging level.")
 
     @field_validator("data_dir")

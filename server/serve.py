@@ -28,13 +28,18 @@ MAX_REQUEST_BYTES = 128 * 1024
 class Server:
     """One serving process: owns its App (HSM login, DB), executor and grpc.aio server."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, reuse_port: bool = False) -> None:
         self.settings = settings
         self.app: App | None = None
         self.port: int | None = None
+        self.serving = False
+        self._reuse_port = reuse_port
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._executor = ThreadPoolExecutor(settings.rpc_threads, thread_name_prefix="keybinder-rpc")
+        # The probe gets its own thread so that a hung HSM call cannot starve it of RPC threads.
+        self._probe_executor = ThreadPoolExecutor(1, thread_name_prefix="keybinder-probe")
+        self._probe_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
@@ -43,8 +48,8 @@ class Server:
             options=[
                 ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
                 # gRPC enables SO_REUSEPORT by default; a second server on the same port must fail
-                # loudly rather than silently share it.
-                ("grpc.so_reuseport", 0),
+                # loudly rather than silently share it, unless it is one of our own workers.
+                ("grpc.so_reuseport", 1 if self._reuse_port else 0),
             ]
         )
         pb_grpc.add_KeyBinderServiceServicer_to_server(KeyBinderServicer(self.app.service, self._executor), server)
@@ -67,19 +72,55 @@ class Server:
         await server.start()
         self._server = server
         self.port = bound
-        for name in ("", SERVICE_NAME):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_serving(True)
+        self._probe_task = asyncio.create_task(self._probe_loop(), name="keybinder-health-probe")
         log.info("listening on %s:%d", host, bound)
         return bound
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, status)
+        if serving != self.serving:
+            log.log(logging.INFO if serving else logging.WARNING, "health: %s", "SERVING" if serving else "NOT_SERVING")
+        self.serving = serving
+
+    async def probe_once(self) -> bool:
+        """One HSM signature and one database round trip; updates the health status."""
+        assert self.app is not None
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._probe_executor, self.app.probe)
+        except Exception as err:  # any failure means we should not be sent traffic
+            log.warning("health probe failed: %s: %s", type(err).__name__, err)
+            await self._set_serving(False)
+            return False
+        await self._set_serving(True)
+        return True
+
+    async def _probe_loop(self) -> None:
+        interval = self.settings.health_probe_seconds
+        backoff = 1.0
+        while True:
+            if await self.probe_once():
+                backoff = 1.0
+                await asyncio.sleep(interval)
+            else:
+                # Each failed probe retries the HSM login; back off so a dead HSM is not hammered.
+                await asyncio.sleep(min(backoff, interval))
+                backoff = min(backoff * 2, 30.0)
 
     async def stop(self) -> None:
         """Stop taking RPCs, let in-flight ones finish within the grace period, release all."""
         if self._server is None:
             return
         server, self._server = self._server, None
+        if self._probe_task is not None:
+            self._probe_task.cancel()
         await self._health.enter_graceful_shutdown()
         await server.stop(self.settings.shutdown_grace_seconds)
         self._executor.shutdown(wait=True)
+        self._probe_executor.shutdown(wait=True)
         if self.app is not None:
             self.app.close()
         self._stopped.set()
@@ -89,8 +130,8 @@ class Server:
         await self._stopped.wait()
 
 
-async def serve(settings: Settings, on_ready: Callable[[int], None] | None = None) -> None:
-    server = Server(settings)
+async def serve(settings: Settings, on_ready: Callable[[int], None] | None = None, *, reuse_port: bool = False) -> None:
+    server = Server(settings, reuse_port=reuse_port)
     port = await server.start()
     if on_ready is not None:
         on_ready(port)

@@ -538,6 +538,11 @@ class KeyBinderService:
             if r.not_after > now
         ]
 
+    @backend_errors
+    def active_issuer(self) -> Issuer:
+        """The issuer that signs new wallet certificates now."""
+        return self._active_issuer(self.clock.now())
+
     def _active_issuer(self, now: datetime) -> Issuer:
         cached = self._issuer
         if cached is not None and cached.certificate.not_valid_after_utc > now:

@@ -159,7 +159,7 @@ class ServeProcess:
 
 def start_serve(data_dir: Path) -> ServeProcess:
     proc = subprocess.Popen(
-        [*KEYBINDER, "serve", "--port", "0", "--data-dir", str(data_dir)],
+        [*KEYBINDER, "serve", "--port", "0", "--workers", "1", "--data-dir", str(data_dir)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -265,7 +265,7 @@ def test_serve_refuses_a_port_in_use(data_dir: Path) -> None:
     server = start_serve(data_dir)
     try:
         clash = subprocess.run(
-            [*KEYBINDER, "serve", "--port", str(server.port), "--data-dir", str(data_dir)],
+            [*KEYBINDER, "serve", "--port", str(server.port), "--workers", "1", "--data-dir", str(data_dir)],
             capture_output=True,
             text=True,
             env=cli_env(),
@@ -280,7 +280,7 @@ def test_serve_refuses_a_port_in_use(data_dir: Path) -> None:
 
 def test_serve_fails_clearly_without_a_token(tmp_path: Path) -> None:
     started = time.monotonic()
-    result = kb_cli("serve", "--port", "0", data_dir=tmp_path / "empty")
+    result = kb_cli("serve", "--port", "0", "--workers", "1", data_dir=tmp_path / "empty")
     assert result.returncode != 0
     assert "error:" in result.stderr
     assert "Traceback" not in result.stderr

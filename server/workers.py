@@ -1,0 +1,128 @@
+"""Several serving processes on one port (SO_REUSEPORT), supervised: restarted when they die, drained on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.context import SpawnProcess
+from typing import Any
+
+from server.config import Settings
+
+log = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_SECONDS = 60.0
+#: A worker that dies sooner than this after starting is restarted with a growing delay.
+QUICK_DEATH_SECONDS = 5.0
+MAX_RESTART_DELAY_SECONDS = 30.0
+
+
+def _worker_main(values: dict[str, Any], index: int, ready: Any, log_level: str) -> None:
+    """Entry point of one worker process (spawned, so nothing of the parent's HSM state is inherited)."""
+    from server.serve import serve
+
+    logging.basicConfig(
+        level=log_level.upper(), format=f"%(asctime)s %(levelname)s worker-{index} %(name)s %(message)s"
+    )
+    logging.getLogger("yoyo").setLevel(logging.WARNING)
+    settings = Settings(**values)
+    asyncio.run(serve(settings, lambda port: ready.put((index, os.getpid(), port)), reuse_port=True))
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: SpawnProcess
+    started: float
+    restarts: int = 0
+
+
+def _reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
+    """Bind (without listening) with SO_REUSEPORT so that port 0 resolves once for every worker."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock, int(sock.getsockname()[1])
+
+
+def run_workers(settings: Settings, count: int, on_ready: Callable[[int], None]) -> int:
+    """Start ``count`` workers, restart any that die, and drain them all on SIGTERM/SIGINT."""
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold an HSM login
+    host, port = settings.host_port
+    reserved, port = _reserve_port(host, port)
+    values = settings.model_copy(update={"listen": f"{host}:{port}", "workers": 1}).model_dump()
+    ready = ctx.Queue()
+    stopping = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    def spawn(index: int, restarts: int = 0) -> _Worker:
+        process = ctx.Process(
+            target=_worker_main, args=(values, index, ready, settings.log_level), name=f"keybinder-worker-{index}"
+        )
+        process.start()
+        return _Worker(index, process, time.monotonic(), restarts)
+
+    workers = {i: spawn(i) for i in range(count)}
+    try:
+        started: set[int] = set()
+        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+        while len(started) < count:
+            if stopping or time.monotonic() > deadline or any(not w.process.is_alive() for w in workers.values()):
+                log.error("workers failed to start")
+                return 1
+            try:
+                index, pid, _ = ready.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            started.add(index)
+            log.info("worker %d (pid %d) serving", index, pid)
+        on_ready(port)
+        while not stopping:
+            time.sleep(0.2)
+            while not ready.empty():
+                index, pid, _ = ready.get_nowait()
+                log.info("worker %d (pid %d) serving again", index, pid)
+            for index, worker in list(workers.items()):
+                if worker.process.is_alive() or stopping:
+                    continue
+                lived = time.monotonic() - worker.started
+                delay = 0.0 if lived > QUICK_DEATH_SECONDS else min(2.0**worker.restarts, MAX_RESTART_DELAY_SECONDS)
+                log.warning(
+                    "worker %d (pid %s) exited with %s after %.1fs; restarting in %.1fs",
+                    index,
+                    worker.process.pid,
+                    worker.process.exitcode,
+                    lived,
+                    delay,
+                )
+                time.sleep(delay)
+                workers[index] = spawn(index, worker.restarts + 1 if lived <= QUICK_DEATH_SECONDS else 0)
+        return 0
+    finally:
+        log.info("draining %d workers", len(workers))
+        for worker in workers.values():
+            if worker.process.is_alive() and worker.process.pid is not None:
+                os.kill(worker.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + settings.shutdown_grace_seconds + 5
+        for worker in workers.values():
+            worker.process.join(max(deadline - time.monotonic(), 0.1))
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join(5)
+        reserved.close()
+        log.info("stopped")
