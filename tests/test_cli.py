@@ -45,30 +45,23 @@ def kb_cli(*args: str, data_dir: Path, stdin: str | None = None) -> subprocess.C
     )
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def make_data_dir(path: Path) -> Path:
+    """`keybinder init` and an identity import into ``path``, as an operator would do it."""
     require(Path(SOFTHSM_MODULE).exists(), f"SoftHSM2 ({SOFTHSM_MODULE})")
-    path = tmp_path_factory.mktemp("cli-data")
     result = kb_cli("init", data_dir=path)
     assert result.returncode == 0, result.stderr
     identities = path.parent / "identities.json"
-    identities.write_text(
-        json.dumps(
-            [
-                {
-                    "individual_id": DEMO_ID,
-                    "email": "bob@example.net",
-                    "phone": "5550001234",
-                    "pin": "135790",
-                    "name": "B",
-                }
-            ]
-        )
-    )
+    bob = {"individual_id": DEMO_ID, "email": "bob@example.net", "phone": "5550001234", "pin": "135790", "name": "B"}
+    identities.write_text(json.dumps([bob]))
     result = kb_cli("identities", "import", str(identities), data_dir=path)
     assert result.returncode == 0, result.stderr
     assert "1 new" in result.stdout
     return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_data_dir(tmp_path_factory.mktemp("cli-data"))
 
 
 def test_init_creates_everything_then_reuses_it(data_dir: Path) -> None:

@@ -18,9 +18,15 @@ from server.demo import new_wallet_key, read_otp
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
 from tests.conftest import failure
-from tests.test_cli import DEMO_ID, KEYBINDER, cli_env, data_dir  # noqa: F401 - data_dir is a fixture
+from tests.test_cli import DEMO_ID, KEYBINDER, cli_env, make_data_dir
 
 MD = (("partner-id", "fault-test"),)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data directory of its own: these tests pull its token out from under the server."""
+    return make_data_dir(tmp_path_factory.mktemp("fault-data"))
 
 
 def start(data_dir: Path, *extra: str, probe_seconds: float = 0.3) -> tuple[subprocess.Popen[str], int]:
