@@ -21,7 +21,7 @@ from server.domain import Identity, IssuerRecord
 from server.hsm_backend import HsmHasher, HsmIssuerKeys
 from server.notifiers.outbox import OutboxNotifier
 from server.service import KeyBinderService
-from server.stores.sqlite import SqliteStore, migrate
+from server.stores import Store, migrate, open_store
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class App:
 
     settings: Settings
     keys: Pkcs11KeyManager
-    store: SqliteStore
+    store: Store
     service: KeyBinderService
 
     def probe(self) -> None:
@@ -62,7 +62,7 @@ def build_app(settings: Settings) -> App:
     settings.apply_environment()
     keys = Pkcs11KeyManager(settings.pkcs11_uri)
     keys.session.open()
-    store = SqliteStore(settings.database_path)
+    store = open_store(settings.database)
     service = KeyBinderService(
         policy=settings.policy(),
         clock=SystemClock(),
@@ -127,11 +127,11 @@ def initialise(settings: Settings) -> InitReport:
         )
         created.append(f"token {uri.token!r}")
 
-    applied = migrate(settings.database_path)
-    (created if applied else reused).append(f"database {settings.database_path}")
+    applied = migrate(settings.database)
+    (created if applied else reused).append(f"database {_redacted(settings.database)}")
 
     keys = Pkcs11KeyManager(uri)
-    store = SqliteStore(settings.database_path)
+    store = open_store(settings.database)
     try:
         if keys.exists(settings.hmac_key_label, "secret"):
             reused.append(f"HMAC key {settings.hmac_key_label!r}")
@@ -165,6 +165,15 @@ def initialise(settings: Settings) -> InitReport:
     return InitReport(created, reused)
 
 
+def _redacted(url: str) -> str:
+    """The URL without a password, fit for printing."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at or ":" not in creds:
+        return url
+    return f"{scheme}{sep}{creds.split(':', 1)[0]}:***@{host}"
+
+
 def _kind_of(keys: Pkcs11KeyManager, label: str, fallback: KeyKind) -> KeyKind:
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
@@ -178,7 +187,7 @@ def _kind_of(keys: Pkcs11KeyManager, label: str, fallback: KeyKind) -> KeyKind:
     return fallback
 
 
-def issuer_chain_pem(store: SqliteStore) -> str:
+def issuer_chain_pem(store: Store) -> str:
     """Every issuer certificate that is still valid, newest first, as one PEM bundle."""
     now = datetime.now(UTC)
     certs = [r.certificate_pem for r in store.issuers() if r.not_after > now]
@@ -189,7 +198,7 @@ def issuer_chain_pem(store: SqliteStore) -> str:
 
 def register_identity(
     service: KeyBinderService,
-    store: SqliteStore,
+    store: Store,
     *,
     individual_id: str,
     email: str | None,

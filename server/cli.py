@@ -27,7 +27,10 @@ app.add_typer(identities_app, name="identities")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML config file (or $KEYBINDER_CONFIG).")]
 DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="State directory [default: .keybinder].")]
-DbOpt = Annotated[str | None, typer.Option("--database-url", help="sqlite:///path [default: <data-dir>/keybinder.db].")]
+DbOpt = Annotated[
+    str | None,
+    typer.Option("--database-url", help="sqlite:///path or postgresql://... [default: <data-dir>/keybinder.db]."),
+]
 HsmOpt = Annotated[
     str | None,
     typer.Option("--hsm-uri", help="RFC 7512 URI, e.g. pkcs11:token=t;object=k?module-path=...&pin-source=file:/p"),
@@ -76,10 +79,10 @@ def init(
 @app.command()
 def migrate(config: ConfigOpt = None, data_dir: DataDirOpt = None, database_url: DbOpt = None) -> None:
     """Apply pending database schema migrations."""
-    from server.stores.sqlite import migrate as run_migrations
+    from server.stores import migrate as run_migrations
 
     settings = _settings(config, data_dir, database_url, None)
-    typer.echo(f"applied {run_migrations(settings.database_path)} migration(s)")
+    typer.echo(f"applied {run_migrations(settings.database)} migration(s)")
 
 
 @app.command()
@@ -122,10 +125,10 @@ def serve(
 def issuer_show(config: ConfigOpt = None, data_dir: DataDirOpt = None, database_url: DbOpt = None) -> None:
     """Print the PEM chain of the issuer certificates that are still valid."""
     from server.app import issuer_chain_pem
-    from server.stores.sqlite import SqliteStore
+    from server.stores import open_store
 
     settings = _settings(config, data_dir, database_url, None)
-    store = SqliteStore(settings.database_path)
+    store = open_store(settings.database)
     try:
         chain = issuer_chain_pem(store)
     finally:

@@ -16,6 +16,7 @@ from pydantic_settings import (
 
 from hsm import KeyKind, Pkcs11Uri
 from server.service import DEFAULT_INDIVIDUAL_ID_PATTERN, Policy
+from server.stores import check_url, sqlite_path
 
 DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 DEFAULT_TOKEN = "keybinder"  # noqa: S105 - a token label, not a secret
@@ -29,7 +30,9 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path(".keybinder"), description="State directory (token, database, outbox).")
     listen: str = Field("127.0.0.1:50051", description="host:port the gRPC server binds.")
-    database_url: str = Field("", description="sqlite:///path; default <data_dir>/keybinder.db.")
+    database_url: str = Field(
+        "", description="sqlite:///path or postgresql://user@host:port/db; default sqlite <data_dir>/keybinder.db."
+    )
     hsm_uri: str = Field(
         "",
         description="RFC 7512 URI of the token and issuer key; default a SoftHSM token in <data_dir>.",
@@ -80,11 +83,17 @@ class Settings(BaseSettings):
     # -- derived values -------------------------------------------------------------------
 
     @property
+    def database(self) -> str:
+        """The database URL, checked: sqlite:///path or postgresql://..."""
+        return check_url(self.database_url or f"sqlite:///{self.data_dir / 'keybinder.db'}")
+
+    @property
     def database_path(self) -> Path:
-        url = self.database_url or f"sqlite:///{self.data_dir / 'keybinder.db'}"
-        if not url.startswith("sqlite:///"):
-            raise ValueError("only sqlite:///path database URLs are supported so far")
-        return Path(url[len("sqlite:///") :])
+        """The SQLite file (an error for another backend)."""
+        path = sqlite_path(self.database)
+        if path is None:
+            raise ValueError("the database is not SQLite")
+        return path
 
     @property
     def pin_file(self) -> Path:

@@ -72,7 +72,11 @@ def test_listen_parsing(tmp_path: Path) -> None:
     assert load_settings(data_dir=tmp_path, listen="[::1]:9001").host_port == ("::1", 9001)
 
 
-def test_only_sqlite_urls_so_far(tmp_path: Path) -> None:
-    s = load_settings(data_dir=tmp_path, database_url="postgresql://localhost/test")
-    with pytest.raises(ValueError, match="sqlite"):
-        _ = s.database_path
+def test_database_urls(tmp_path: Path) -> None:
+    assert load_settings(data_dir=tmp_path).database == f"sqlite:///{tmp_path / 'keybinder.db'}"
+    pg = load_settings(data_dir=tmp_path, database_url="postgresql://kb@db.internal:5432/keybinder")
+    assert pg.database == "postgresql://kb@db.internal:5432/keybinder"
+    with pytest.raises(ValueError, match="not SQLite"):
+        _ = pg.database_path
+    with pytest.raises(ValueError, match=r"sqlite:///path or postgresql://"):
+        _ = load_settings(data_dir=tmp_path, database_url="mysql://x/y").database

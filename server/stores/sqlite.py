@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,6 +19,8 @@ BUSY_TIMEOUT_SECONDS = 5.0
 
 def ts(value: datetime) -> str:
     """Fixed-width UTC text, so that SQL compares times as strings correctly."""
+    if value.tzinfo is None:
+        raise ValueError("naive datetime: every time in KeyBinder is tz-aware UTC")
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
@@ -82,14 +84,13 @@ class SqliteStore:
             raise StoreUnavailable(f"database busy or unavailable: {err}") from err
         try:
             yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        try:
             conn.execute("COMMIT")
-        except sqlite3.OperationalError as err:
-            conn.execute("ROLLBACK")
-            raise StoreUnavailable(f"commit failed: {err}") from err
+        except BaseException as err:
+            with suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            if isinstance(err, sqlite3.OperationalError):
+                raise StoreUnavailable(f"database write failed: {err}") from err
+            raise
 
     def _query(self, sql: str, params: Sequence[object]) -> list[sqlite3.Row]:
         conn = self._conn()
@@ -97,7 +98,7 @@ class SqliteStore:
             cur = conn.execute(sql, params)
             cur.row_factory = sqlite3.Row
             return cur.fetchall()
-        except sqlite3.OperationalError as err:
+        except (sqlite3.OperationalError, sqlite3.DatabaseError) as err:
             raise StoreUnavailable(f"database query failed: {err}") from err
 
     def ping(self) -> None:
@@ -197,14 +198,20 @@ class SqliteStore:
         return bytes(rows[0]["id_hmac"]) if rows else None
 
     @staticmethod
-    def _consume(conn: sqlite3.Connection, otp: str | None, nonce: str | None, now: datetime) -> None:
+    def _consume(conn: sqlite3.Connection, id_hmac: bytes, otp: str | None, nonce: str | None, now: datetime) -> None:
+        # Matched by individual too: one individual's OTP or nonce can never complete another's request.
         if otp is not None:
-            cur = conn.execute("UPDATE otps SET state = 'used' WHERE transaction_id = ? AND state = 'pending'", (otp,))
+            cur = conn.execute(
+                "UPDATE otps SET state = 'used' WHERE transaction_id = ? AND id_hmac = ? AND state = 'pending'",
+                (otp, id_hmac),
+            )
             if cur.rowcount != 1:
                 raise OtpAlreadyUsed(otp)
         if nonce is not None:
             cur = conn.execute(
-                "UPDATE binding_nonces SET used_at = ? WHERE nonce = ? AND used_at IS NULL", (ts(now), nonce)
+                "UPDATE binding_nonces SET used_at = ?"
+                " WHERE nonce = ? AND id_hmac = ? AND used_at IS NULL AND expires_at > ?",
+                (ts(now), nonce, id_hmac, ts(now)),
             )
             if cur.rowcount != 1:
                 raise OtpAlreadyUsed(nonce)
@@ -213,7 +220,7 @@ class SqliteStore:
         self, binding: Binding, *, consume_otp: str | None, now: datetime, consume_nonce: str | None = None
     ) -> None:
         with self._tx() as conn:
-            self._consume(conn, consume_otp, consume_nonce, now)
+            self._consume(conn, binding.id_hmac, consume_otp, consume_nonce, now)
             owner = conn.execute(
                 "SELECT id_hmac FROM wallet_keys WHERE key_fingerprint = ?", (binding.key_fingerprint,)
             ).fetchone()
@@ -288,7 +295,7 @@ class SqliteStore:
             row = cur.fetchone()
             if row is None:
                 return None  # nothing changed; the OTP stays usable
-            self._consume(conn, consume_otp, None, now)
+            self._consume(conn, id_hmac, consume_otp, None, now)
         return _binding(row)
 
     # -- WLA replay cache and PoP nonces --------------------------------------------------

@@ -1,0 +1,576 @@
+"""PostgreSQL backend for the identity, OTP, binding, replay and issuer stores (for replicated servers)."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.rows import TupleRow
+from psycopg_pool import ConnectionPool
+from yoyo import get_backend, read_migrations
+
+from server.domain import Binding, BindingStatus, Identity, IssuerRecord, OtpRecord
+from server.ports import KeyOwnedByOther, OtpAlreadyUsed, StoreUnavailable
+
+T = TypeVar("T")
+Conn = psycopg.Connection[TupleRow]
+Cur = psycopg.Cursor[TupleRow]
+
+#: How long a request waits for a pooled connection, and a new connection for the server.
+POOL_TIMEOUT_SECONDS: Final = 5.0
+CONNECT_TIMEOUT_SECONDS: Final = 5
+#: Like SQLite's busy timeout: a lock wait (row or advisory) longer than this fails as retryable.
+LOCK_TIMEOUT_MS: Final = 5_000
+#: Bounds a runaway statement; the admin row counts are the only scans and fit well within it.
+STATEMENT_TIMEOUT_MS: Final = 30_000
+#: First key of KeyBinder's two-key advisory locks ("KB"), so they are recognisable in pg_locks.
+LOCK_NAMESPACE: Final = 0x4B42
+
+TABLES: Final = ("individuals", "otps", "bindings", "wallet_keys", "issuers", "wla_jtis", "binding_nonces")
+
+# -- SQL ------------------------------------------------------------------------------------
+# Every statement is a module constant (SQL_*), so the sharding test can check that it has seen each one.
+# Statements on per-individual tables filter by id_hmac, the distribution column on a distributed
+# PostgreSQL; the few that cannot say why where they are defined.
+
+BINDING_COLUMNS: Final = (
+    "id_hmac, partner_id, auth_factor_type, psut, key_fingerprint, certificate_pem, cert_thumbprint, serial_hex,"
+    " issuer_key_label, created_at, expires_at, status, superseded_at, revoked_at, revocation_reason"
+)
+
+# Serialises the writers of one individual (OTP replacement, binding, revocation). The partial unique
+# indexes already make a second active binding or pending OTP impossible; the lock makes concurrent
+# writers queue instead of failing on them. It is taken first in each transaction, before any row lock,
+# and a transaction takes at most one, so lock waits cannot form a cycle.
+SQL_LOCK_INDIVIDUAL: Final = "SELECT pg_advisory_xact_lock(%s, %s)"
+
+SQL_PING: Final = "SELECT 1"
+
+SQL_INSERT_IDENTITY: Final = (
+    "INSERT INTO individuals (id_hmac, email, phone, name, pin_hmac, created_at, updated_at)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id_hmac) DO NOTHING"
+)
+SQL_UPDATE_IDENTITY: Final = (
+    "UPDATE individuals SET email = %s, phone = %s, name = %s, pin_hmac = %s, updated_at = %s WHERE id_hmac = %s"
+)
+SQL_GET_IDENTITY: Final = "SELECT email, phone, name, pin_hmac FROM individuals WHERE id_hmac = %s"
+# Admin only (CLI, tests): counts every individual, so it fans out to every shard.
+SQL_COUNT_IDENTITIES: Final = "SELECT count(*) FROM individuals"
+
+SQL_REPLACE_PENDING_OTP: Final = (
+    "UPDATE otps SET state = 'replaced' WHERE id_hmac = %s AND partner_id = %s AND state = 'pending'"
+)
+SQL_INSERT_OTP: Final = (
+    "INSERT INTO otps (transaction_id, id_hmac, partner_id, otp_hmac, created_at, expires_at, attempts,"
+    " max_attempts, state) VALUES (%s, %s, %s, %s, %s, %s, 0, %s, 'pending')"
+)
+# Request path (an OTP whose delivery failed), but OtpStore.discard_otp receives only the transaction id,
+# so this cannot name the shard and fans out on a distributed database. Giving the port the id_hmac
+# would make it single-shard.
+SQL_DISCARD_OTP: Final = "DELETE FROM otps WHERE transaction_id = %s"
+# One statement: the check and the increment cannot be split by a concurrent guess. A concurrent
+# UPDATE of the same row waits for this one and then re-evaluates the WHERE clause on the new row.
+SQL_CLAIM_OTP_ATTEMPT: Final = (
+    "UPDATE otps SET attempts = attempts + 1"
+    " WHERE id_hmac = %s AND partner_id = %s AND state = 'pending'"
+    " AND attempts < max_attempts AND expires_at > %s"
+    " RETURNING transaction_id, otp_hmac, created_at, expires_at, attempts, max_attempts"
+)
+# Test helper only: by transaction id alone, like discard_otp.
+SQL_OTP_STATE: Final = "SELECT state, attempts FROM otps WHERE transaction_id = %s"
+# Conditional update: exactly one transaction can move the OTP from pending to used.
+SQL_CONSUME_OTP: Final = (
+    "UPDATE otps SET state = 'used' WHERE id_hmac = %s AND transaction_id = %s AND state = 'pending'"
+)
+SQL_CONSUME_NONCE: Final = (
+    "UPDATE binding_nonces SET used_at = %s WHERE id_hmac = %s AND nonce = %s AND used_at IS NULL"
+)
+
+# wallet_keys is distributed by key_fingerprint, not id_hmac (a key's owner is a global fact); these are
+# single-shard on the key's shard. See migrations/postgresql/0001_initial.sql.
+SQL_KEY_OWNER: Final = "SELECT id_hmac FROM wallet_keys WHERE key_fingerprint = %s"
+SQL_CLAIM_KEY: Final = (
+    "INSERT INTO wallet_keys (key_fingerprint, id_hmac, created_at) VALUES (%s, %s, %s)"
+    " ON CONFLICT (key_fingerprint) DO NOTHING"
+)
+
+SQL_SUPERSEDE_ACTIVE: Final = (
+    "UPDATE bindings SET status = 'superseded', superseded_at = %s"
+    " WHERE id_hmac = %s AND partner_id = %s AND auth_factor_type = %s AND status = 'active'"
+)
+SQL_INSERT_BINDING: Final = (
+    "INSERT INTO bindings (id_hmac, partner_id, auth_factor_type, psut, key_fingerprint, certificate_pem,"
+    " cert_thumbprint, serial_hex, issuer_key_label, status, created_at, expires_at)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, 'active', %s, %s)"
+)
+# The f-strings below only splice in the constant column list (hence noqa: S608).
+SQL_BINDINGS_FOR: Final = f"SELECT {BINDING_COLUMNS} FROM bindings WHERE id_hmac = %s AND partner_id = %s ORDER BY id"  # noqa: S608
+SQL_ACTIVE_BINDING: Final = (
+    f"SELECT {BINDING_COLUMNS} FROM bindings"  # noqa: S608
+    " WHERE id_hmac = %s AND partner_id = %s AND auth_factor_type = %s AND status = 'active'"
+)
+# Lookup by certificate (GetBinding by thumbprint; WLA error reporting). A thumbprint does not reveal the
+# id_hmac, so on a distributed database this fans out to every shard (one index probe each).
+SQL_BINDING_BY_THUMBPRINT: Final = f"SELECT {BINDING_COLUMNS} FROM bindings WHERE cert_thumbprint = %s"  # noqa: S608
+# Lookup by PSUT (GetBinding). The PSUT is an HMAC of partner and individual ID and does not reveal the
+# id_hmac either, so this fans out too. All rows it can match belong to one individual.
+SQL_LATEST_BINDING_BY_PSUT: Final = (
+    f"SELECT {BINDING_COLUMNS} FROM bindings WHERE psut = %s AND partner_id = %s AND auth_factor_type = %s"  # noqa: S608
+    " ORDER BY (status = 'active') DESC, id DESC LIMIT 1"
+)
+SQL_REVOKE_ACTIVE: Final = (
+    "UPDATE bindings SET status = 'revoked', revoked_at = %s, revocation_reason = %s"  # noqa: S608
+    " WHERE id_hmac = %s AND partner_id = %s AND auth_factor_type = %s AND status = 'active'"
+    f" RETURNING {BINDING_COLUMNS}"
+)
+
+# Expired entries of this individual can go: their tokens fail the exp check anyway. SKIP LOCKED: a row
+# another claim is deleting is left to it, so two claims never wait on each other here.
+SQL_PURGE_JTIS: Final = (
+    "DELETE FROM wla_jtis WHERE id_hmac = %s AND jti IN"
+    " (SELECT jti FROM wla_jtis WHERE id_hmac = %s AND expires_at <= %s FOR UPDATE SKIP LOCKED)"
+)
+# A concurrent claim of the same jti waits for this one to commit, then does nothing (rowcount 0).
+SQL_CLAIM_JTI: Final = (
+    "INSERT INTO wla_jtis (id_hmac, jti, expires_at) VALUES (%s, %s, %s) ON CONFLICT (id_hmac, jti) DO NOTHING"
+)
+SQL_CREATE_NONCE: Final = "INSERT INTO binding_nonces (nonce, id_hmac, partner_id, expires_at) VALUES (%s, %s, %s, %s)"
+SQL_NONCE_USABLE: Final = (
+    "SELECT 1 FROM binding_nonces WHERE id_hmac = %s AND nonce = %s AND partner_id = %s"
+    " AND used_at IS NULL AND expires_at > %s"
+)
+
+# issuers is a small reference table (replicated to every node), not per-individual.
+SQL_ADD_ISSUER: Final = (
+    "INSERT INTO issuers (key_label, key_kind, certificate_pem, not_after, created_at) VALUES (%s, %s, %s, %s, %s)"
+)
+SQL_ISSUERS: Final = (
+    "SELECT key_label, key_kind, certificate_pem, not_after, created_at FROM issuers ORDER BY created_at DESC"
+)
+
+# Admin and test helper only: whole-table counts fan out to every shard.
+COUNT_SQL: Final = {table: f"SELECT count(*) FROM {table}" for table in TABLES}  # noqa: S608 (fixed names)
+
+
+# -- URLs and migrations ------------------------------------------------------------------------
+
+
+def libpq_url(url: str) -> str:
+    """The URL as libpq reads it: ``postgresql://…`` (``postgres://`` and ``postgresql+psycopg://`` accepted)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in {"postgresql", "postgres", "postgresql+psycopg"}:
+        raise ValueError("a PostgreSQL URL starts with postgresql://")
+    return f"postgresql://{rest}"
+
+
+def yoyo_url(url: str) -> str:
+    """The URL for yoyo, whose psycopg 3 backend is registered as ``postgresql+psycopg``."""
+    return "postgresql+psycopg://" + libpq_url(url).removeprefix("postgresql://")
+
+
+def migrations_dir() -> str:
+    return str(Path(__file__).resolve().parent.parent / "migrations" / "postgresql")
+
+
+def migrate(url: str) -> int:
+    """Apply pending schema migrations; returns how many were applied."""
+    backend = get_backend(yoyo_url(url))
+    try:
+        migrations = read_migrations(migrations_dir())
+        # yoyo's lock table keeps two processes (e.g. two replicas running `init`) from migrating at once.
+        with backend.lock():
+            pending = backend.to_apply(migrations)
+            backend.apply_migrations(pending)
+        return len(pending)
+    finally:
+        backend.connection.close()
+
+
+# -- the store ------------------------------------------------------------------------------
+
+
+def _utc(value: datetime) -> datetime:
+    """Times leave the store as tz-aware UTC (datetime.UTC), whatever the session time zone; they enter
+    converted the same way, so a naive value means local time, as in the SQLite store."""
+    return value.astimezone(UTC)
+
+
+def _lock_key(id_hmac: bytes) -> int:
+    # The ID-HMAC is uniformly random: 32 of its bits make a good lock key. Two individuals sharing a
+    # key only queue behind each other.
+    return int.from_bytes(id_hmac[:4], "big", signed=True)
+
+
+def _configure(conn: Conn) -> None:
+    """Session settings for every pooled connection (set once, when it is opened)."""
+    conn.execute("SET TIME ZONE 'UTC'")
+    conn.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
+    conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+
+
+class PostgresStore:
+    """Implements the same ports as SqliteStore on a PostgreSQL database, through a connection pool.
+
+    Connections run in autocommit; every write method is one explicit transaction. Atomicity comes from
+    PostgreSQL itself: conditional UPDATEs (checked by rowcount or RETURNING) for single use and attempt
+    counting, partial unique indexes for one pending OTP and one active binding, and a per-individual
+    advisory lock that makes concurrent writers for one individual queue rather than collide.
+
+    Errors: a lost connection, a pool or lock timeout, a deadlock or any other psycopg OperationalError
+    becomes ``StoreUnavailable`` (retryable; the transaction was rolled back, or its commit outcome is
+    unknown and it was not acknowledged). A statement that fails because its pooled connection turned out
+    dead (e.g. after a database restart) is retried once on a fresh connection, so the first request after
+    an outage succeeds. A unique violation in a write that races (commit, revoke, OTP, replay cache) is
+    retried once and then reported as ``StoreUnavailable``; it is never an unhandled error.
+    """
+
+    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10) -> None:
+        self.url = libpq_url(url)
+        self.min_size = min_size
+        self.max_size = max_size
+        self._pool: ConnectionPool[Conn] | None = None
+        self._guard = threading.Lock()
+
+    # -- connections ----------------------------------------------------------------------
+
+    def _get_pool(self) -> ConnectionPool[Conn]:
+        # Opened on first use, like SQLite's connections, so that constructing a store does no I/O and a
+        # closed store can be used again.
+        pool = self._pool
+        if pool is None:
+            with self._guard:
+                if self._pool is None:
+                    self._pool = ConnectionPool(
+                        self.url,
+                        min_size=self.min_size,
+                        max_size=self.max_size,
+                        kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_SECONDS},
+                        configure=_configure,
+                        timeout=POOL_TIMEOUT_SECONDS,
+                        name="keybinder",
+                        open=True,
+                    )
+                pool = self._pool
+        return pool
+
+    def _run(self, work: Callable[[Cur], T], *, write: bool, retry_conflict: bool = True) -> T:
+        """Run ``work`` on a pooled connection: in one transaction when ``write``, else as it comes."""
+        for attempt in (1, 2):
+            conn: Conn | None = None
+            committing = False
+            try:
+                with self._get_pool().connection() as conn:
+                    if not write:
+                        with conn.cursor() as cur:
+                            return work(cur)
+                    with conn.transaction():
+                        with conn.cursor() as cur:
+                            result = work(cur)
+                        committing = True  # leaving the block commits
+                    return result
+            except pg_errors.UniqueViolation as err:
+                if not retry_conflict:
+                    raise
+                if attempt == 1:
+                    continue  # a concurrent writer got there first; the retry sees its committed row
+                raise StoreUnavailable(
+                    f"concurrent writes conflicted twice on {err.diag.constraint_name}; retry"
+                ) from err
+            except (psycopg.OperationalError, psycopg.InterfaceError) as err:
+                # Nothing was committed when the connection died before the commit: safe to run again.
+                if attempt == 1 and not committing and conn is not None and conn.broken:
+                    self._drop_dead_connections()
+                    continue
+                raise StoreUnavailable(f"database unavailable: {type(err).__name__}: {err}") from err
+        raise AssertionError("unreachable")
+
+    def _drop_dead_connections(self) -> None:
+        # After a restart every idle connection is dead: check them all now rather than fail one request each.
+        pool = self._pool
+        if pool is not None:
+            with contextlib.suppress(psycopg.Error):  # the retry reports what is still wrong
+                pool.check()
+
+    def _read(self, sql: str, params: Sequence[object]) -> list[TupleRow]:
+        def work(cur: Cur) -> list[TupleRow]:
+            cur.execute(sql, params)
+            return cur.fetchall()
+
+        return self._run(work, write=False)
+
+    @staticmethod
+    def _lock_individual(cur: Cur, id_hmac: bytes) -> None:
+        cur.execute(SQL_LOCK_INDIVIDUAL, (LOCK_NAMESPACE, _lock_key(id_hmac)))
+
+    def ping(self) -> None:
+        self._read(SQL_PING, ())
+
+    def close(self) -> None:
+        with self._guard:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+    # -- identities -----------------------------------------------------------------------
+
+    def upsert_identity(self, identity: Identity) -> bool:
+        now = datetime.now(UTC)
+        i = identity
+
+        def work(cur: Cur) -> bool:
+            # Insert-or-nothing, then update: a concurrent insert of the same individual waits for ours and
+            # then finds the row, so exactly one caller sees True.
+            cur.execute(SQL_INSERT_IDENTITY, (i.id_hmac, i.email, i.phone, i.name, i.pin_hmac, now, now))
+            if cur.rowcount == 1:
+                return True
+            cur.execute(SQL_UPDATE_IDENTITY, (i.email, i.phone, i.name, i.pin_hmac, now, i.id_hmac))
+            return False
+
+        return self._run(work, write=True)
+
+    def get_identity(self, id_hmac: bytes) -> Identity | None:
+        rows = self._read(SQL_GET_IDENTITY, (id_hmac,))
+        if not rows:
+            return None
+        email, phone, name, pin_hmac = rows[0]
+        return Identity(id_hmac, email, phone, name, pin_hmac)
+
+    def count_identities(self) -> int:
+        return int(self._read(SQL_COUNT_IDENTITIES, ())[0][0])
+
+    # -- OTPs -----------------------------------------------------------------------------
+
+    def replace_otp(self, otp: OtpRecord) -> None:
+        def work(cur: Cur) -> None:
+            self._lock_individual(cur, otp.id_hmac)
+            cur.execute(SQL_REPLACE_PENDING_OTP, (otp.id_hmac, otp.partner_id))
+            cur.execute(
+                SQL_INSERT_OTP,
+                (
+                    otp.transaction_id,
+                    otp.id_hmac,
+                    otp.partner_id,
+                    otp.otp_hmac,
+                    _utc(otp.created_at),
+                    _utc(otp.expires_at),
+                    otp.max_attempts,
+                ),
+            )
+
+        self._run(work, write=True)
+
+    def discard_otp(self, transaction_id: str) -> None:
+        def work(cur: Cur) -> None:
+            cur.execute(SQL_DISCARD_OTP, (transaction_id,))
+
+        self._run(work, write=True)
+
+    def claim_otp_attempt(self, id_hmac: bytes, partner_id: str, now: datetime) -> OtpRecord | None:
+        def work(cur: Cur) -> TupleRow | None:
+            cur.execute(SQL_CLAIM_OTP_ATTEMPT, (id_hmac, partner_id, _utc(now)))
+            return cur.fetchone()
+
+        row = self._run(work, write=True)
+        if row is None:
+            return None
+        transaction_id, otp_hmac, created_at, expires_at, attempts, max_attempts = row
+        return OtpRecord(
+            transaction_id=transaction_id,
+            id_hmac=id_hmac,
+            partner_id=partner_id,
+            otp_hmac=otp_hmac,
+            created_at=_utc(created_at),
+            expires_at=_utc(expires_at),
+            max_attempts=max_attempts,
+            attempts=attempts,
+        )
+
+    def otp_state(self, transaction_id: str) -> tuple[str, int] | None:
+        rows = self._read(SQL_OTP_STATE, (transaction_id,))
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    # -- bindings -------------------------------------------------------------------------
+
+    def key_owner(self, key_fingerprint: str) -> bytes | None:
+        rows = self._read(SQL_KEY_OWNER, (key_fingerprint,))
+        return bytes(rows[0][0]) if rows else None
+
+    @staticmethod
+    def _consume(cur: Cur, id_hmac: bytes, otp: str | None, nonce: str | None, now: datetime) -> None:
+        # Scoped to the individual as well as the id: on a distributed database that names the shard, and
+        # nobody can spend another individual's OTP or nonce.
+        if otp is not None:
+            cur.execute(SQL_CONSUME_OTP, (id_hmac, otp))
+            if cur.rowcount != 1:
+                raise OtpAlreadyUsed(otp)
+        if nonce is not None:
+            cur.execute(SQL_CONSUME_NONCE, (_utc(now), id_hmac, nonce))
+            if cur.rowcount != 1:
+                raise OtpAlreadyUsed(nonce)
+
+    def commit_binding(
+        self, binding: Binding, *, consume_otp: str | None, now: datetime, consume_nonce: str | None = None
+    ) -> None:
+        b = binding
+
+        def work(cur: Cur) -> None:
+            self._lock_individual(cur, b.id_hmac)
+            self._consume(cur, b.id_hmac, consume_otp, consume_nonce, now)
+            # A concurrent claim of the same key by someone else waits for theirs to commit or roll back.
+            cur.execute(SQL_CLAIM_KEY, (b.key_fingerprint, b.id_hmac, _utc(now)))
+            if cur.rowcount != 1:
+                cur.execute(SQL_KEY_OWNER, (b.key_fingerprint,))
+                row = cur.fetchone()
+                if row is None:
+                    # Keys are never deleted, so this cannot happen; if it does, a retry decides afresh.
+                    raise StoreUnavailable("the wallet key changed during the binding; retry")
+                if bytes(row[0]) != b.id_hmac:
+                    raise KeyOwnedByOther(b.key_fingerprint)
+            cur.execute(SQL_SUPERSEDE_ACTIVE, (_utc(now), b.id_hmac, b.partner_id, b.auth_factor_type))
+            cur.execute(
+                SQL_INSERT_BINDING,
+                (
+                    b.id_hmac,
+                    b.partner_id,
+                    b.auth_factor_type,
+                    b.psut,
+                    b.key_fingerprint,
+                    b.certificate_pem,
+                    b.cert_thumbprint,
+                    b.serial_hex,
+                    b.issuer_key_label,
+                    _utc(b.created_at),
+                    _utc(b.expires_at),
+                ),
+            )
+
+        self._run(work, write=True)
+
+    def bindings_for(self, id_hmac: bytes, partner_id: str) -> Sequence[Binding]:
+        return [_binding(r) for r in self._read(SQL_BINDINGS_FOR, (id_hmac, partner_id))]
+
+    def active_binding(self, id_hmac: bytes, partner_id: str, factor: str) -> Binding | None:
+        rows = self._read(SQL_ACTIVE_BINDING, (id_hmac, partner_id, factor))
+        return _binding(rows[0]) if rows else None
+
+    def binding_by_thumbprint(self, thumbprint: str) -> Binding | None:
+        rows = self._read(SQL_BINDING_BY_THUMBPRINT, (thumbprint,))
+        return _binding(rows[0]) if rows else None
+
+    def latest_binding_by_psut(self, psut: str, partner_id: str, factor: str) -> Binding | None:
+        rows = self._read(SQL_LATEST_BINDING_BY_PSUT, (psut, partner_id, factor))
+        return _binding(rows[0]) if rows else None
+
+    def revoke_binding(
+        self, id_hmac: bytes, partner_id: str, factor: str, *, reason: str, now: datetime, consume_otp: str | None
+    ) -> Binding | None:
+        def work(cur: Cur) -> TupleRow | None:
+            self._lock_individual(cur, id_hmac)
+            cur.execute(SQL_REVOKE_ACTIVE, (_utc(now), reason, id_hmac, partner_id, factor))
+            row = cur.fetchone()
+            if row is None:
+                return None  # nothing changed; the OTP stays usable
+            self._consume(cur, id_hmac, consume_otp, None, now)
+            return row
+
+        row = self._run(work, write=True)
+        return _binding(row) if row is not None else None
+
+    # -- WLA replay cache and PoP nonces --------------------------------------------------
+
+    def claim_jti(self, id_hmac: bytes, jti: str, expires_at: datetime, now: datetime) -> bool:
+        def work(cur: Cur) -> bool:
+            cur.execute(SQL_PURGE_JTIS, (id_hmac, id_hmac, _utc(now)))
+            cur.execute(SQL_CLAIM_JTI, (id_hmac, jti, _utc(expires_at)))
+            return cur.rowcount == 1
+
+        return self._run(work, write=True)
+
+    def create_nonce(self, nonce: str, id_hmac: bytes, partner_id: str, expires_at: datetime) -> None:
+        def work(cur: Cur) -> None:
+            cur.execute(SQL_CREATE_NONCE, (nonce, id_hmac, partner_id, _utc(expires_at)))
+
+        # A duplicate nonce is the caller's error (as SQLite's IntegrityError), not a race to retry.
+        self._run(work, write=True, retry_conflict=False)
+
+    def nonce_usable(self, nonce: str, id_hmac: bytes, partner_id: str, now: datetime) -> bool:
+        return bool(self._read(SQL_NONCE_USABLE, (id_hmac, nonce, partner_id, _utc(now))))
+
+    def count_rows(self, table: str) -> int:
+        sql = COUNT_SQL.get(table)
+        if sql is None:
+            raise ValueError(table)
+        return int(self._read(sql, ())[0][0])
+
+    # -- issuers --------------------------------------------------------------------------
+
+    def add_issuer(self, issuer: IssuerRecord) -> None:
+        def work(cur: Cur) -> None:
+            cur.execute(
+                SQL_ADD_ISSUER,
+                (
+                    issuer.key_label,
+                    issuer.key_kind,
+                    issuer.certificate_pem,
+                    _utc(issuer.not_after),
+                    _utc(issuer.created_at),
+                ),
+            )
+
+        # A duplicate label is the caller's error (as SQLite's IntegrityError), not a race to retry.
+        self._run(work, write=True, retry_conflict=False)
+
+    def issuers(self) -> Sequence[IssuerRecord]:
+        return [
+            IssuerRecord(
+                key_label=label,
+                key_kind=kind,
+                certificate_pem=pem,
+                not_after=_utc(not_after),
+                created_at=_utc(created_at),
+            )
+            for label, kind, pem, not_after, created_at in self._read(SQL_ISSUERS, ())
+        ]
+
+
+def _binding(r: Sequence[Any]) -> Binding:
+    (
+        id_hmac,
+        partner_id,
+        factor,
+        psut,
+        key_fingerprint,
+        certificate_pem,
+        cert_thumbprint,
+        serial_hex,
+        issuer_key_label,
+        created_at,
+        expires_at,
+        status,
+        superseded_at,
+        revoked_at,
+        revocation_reason,
+    ) = r
+    return Binding(
+        id_hmac=bytes(id_hmac),
+        partner_id=partner_id,
+        auth_factor_type=factor,
+        psut=psut,
+        key_fingerprint=key_fingerprint,
+        certificate_pem=certificate_pem,
+        cert_thumbprint=cert_thumbprint,
+        serial_hex=serial_hex,
+        issuer_key_label=issuer_key_label,
+        created_at=_utc(created_at),
+        expires_at=_utc(expires_at),
+        status=BindingStatus(status),
+        superseded_at=_utc(superseded_at) if superseded_at is not None else None,
+        revoked_at=_utc(revoked_at) if revoked_at is not None else None,
+        revocation_reason=revocation_reason,
+    )
