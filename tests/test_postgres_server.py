@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import psycopg
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from joserfc import jws
 from joserfc.jwk import ECKey
 
@@ -83,6 +84,7 @@ def test_server_on_postgres_binds_and_verifies(pg_data_dir: Path, pg_url: str) -
                 )
                 otp = read_otp(pg_data_dir / "outbox.jsonl", sent.transaction_id)
                 key, jwk = new_wallet_key("ec-p256")
+                assert isinstance(key, ec.EllipticCurvePrivateKey)
                 bound = stub.DoKeyBinding(
                     pb.DoKeyBindingRequest(
                         individual_id=DEMO_ID,
