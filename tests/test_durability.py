@@ -104,7 +104,7 @@ class Load:
                     response = pb_grpc.KeyBinderServiceStub(channel).DoKeyBinding(request, metadata=MD, timeout=10)
             except grpc.RpcError as err:
                 with self.lock:
-                    self.failures.append((err.code(), reason(err)))  # type: ignore[attr-defined]
+                    self.failures.append((err.code(), reason(err)))
                 time.sleep(0.05)
                 continue
             with self.lock:
@@ -122,11 +122,11 @@ class Load:
 
 
 def reason(err: grpc.RpcError) -> str:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    status = rpc_status.from_call(err)
     for detail in status.details if status else []:
         info = error_details_pb2.ErrorInfo()
         if detail.Unpack(info):
-            return info.reason
+            return str(info.reason)
     return ""
 
 
