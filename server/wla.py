@@ -8,6 +8,7 @@ type, sub/aud/iat/exp/jti required, a bounded lifetime, and (by the caller) sing
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -130,7 +131,14 @@ def _number(claims: dict[str, Any], name: str) -> float:
     value = claims.get(name)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidWlaTokenError(f"the token must carry a numeric {name} claim")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        raise InvalidWlaTokenError(f"the token's {name} claim is out of range") from None
+    # json reads NaN and Infinity; NaN fails every comparison and would slip past the time checks.
+    if not math.isfinite(number):
+        raise InvalidWlaTokenError(f"the token's {name} claim must be a finite number")
+    return number
 
 
 def check_claims(payload: bytes, *, subject: str, rules: TokenRules, now: datetime) -> VerifiedToken:
