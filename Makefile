@@ -10,7 +10,7 @@ SOFTHSM_MODULE ?= /usr/lib/softhsm/libsofthsm2.so
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 KB       := $(BIN)/keybinder
 
-.PHONY: help run test setup deps dev-deps softhsm lint typecheck proto proto-check demo clean
+.PHONY: help run test setup deps dev-deps softhsm bench lint typecheck proto proto-check demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -69,6 +69,9 @@ proto-check: dev-deps  ## fail when server/gen is not what protos/ generates
 	$(BIN)/python scripts/genproto.py --out $$tmp/gen && \
 	diff -r -x __pycache__ $$tmp/gen server/gen && echo "generated code is fresh" || \
 	{ echo "server/gen is stale: run 'make proto'"; exit 1; }
+
+bench: setup  ## throughput/latency of a real server against the raw HSM signing rate
+	$(BIN)/python scripts/bench.py
 
 demo: deps  ## run the example client against a running `make run`
 	$(KB) demo --data-dir $(DATA_DIR)

@@ -111,6 +111,8 @@ def report(name: str, elapsed: float, latencies: list[float], errors: int, cpu: 
 
 async def run(args: argparse.Namespace, data_dir: Path) -> dict[str, object]:
     env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    if args.database_url:
+        env["KEYBINDER_DATABASE_URL"] = args.database_url
     kb = [sys.executable, "-m", "server"]
     subprocess.run([*kb, "init", "--data-dir", str(data_dir)], check=True, env=env, cwd=ROOT, capture_output=True)
     people = [
@@ -140,7 +142,12 @@ async def run(args: argparse.Namespace, data_dir: Path) -> dict[str, object]:
     port = int(server.stdout.readline().split()[3].rsplit(":", 1)[1].split()[0])
     time.sleep(0.5)
     pids = tree(server.pid)
-    results: dict[str, object] = {"raw_hsm_sign_per_s": raw, "workers": args.workers, "concurrency": args.concurrency}
+    results: dict[str, object] = {
+        "raw_hsm_sign_per_s": raw,
+        "workers": args.workers,
+        "concurrency": args.concurrency,
+        "database": "postgresql" if args.database_url else "sqlite",
+    }
     try:
         # One channel per 'client connection'; several so that SO_REUSEPORT spreads them across workers.
         channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(max(args.workers * 2, 1))]
@@ -191,6 +198,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--bindings", type=int, default=2000)
     parser.add_argument("--individuals", type=int, default=200)
+    parser.add_argument("--database-url", help="an empty PostgreSQL database to use instead of SQLite")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="keybinder-bench-") as tmp:

@@ -55,6 +55,7 @@ class SqliteStore:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._guard = threading.Lock()
+        self._write_lock = threading.Lock()
 
     # -- connections ----------------------------------------------------------------------
 
@@ -78,19 +79,22 @@ class SqliteStore:
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         conn = self._conn()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as err:
-            raise StoreUnavailable(f"database busy or unavailable: {err}") from err
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException as err:
-            with suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            if isinstance(err, sqlite3.OperationalError):
-                raise StoreUnavailable(f"database write failed: {err}") from err
-            raise
+        # SQLite admits one writer at a time; threads of this process queue on a lock rather
+        # than in SQLite's busy handler, whose sleeps (up to 100 ms each) make long latency tails.
+        with self._write_lock:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as err:
+                raise StoreUnavailable(f"database busy or unavailable: {err}") from err
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException as err:
+                with suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                if isinstance(err, sqlite3.OperationalError):
+                    raise StoreUnavailable(f"database write failed: {err}") from err
+                raise
 
     def _query(self, sql: str, params: Sequence[object]) -> list[sqlite3.Row]:
         conn = self._conn()
