@@ -22,6 +22,7 @@ from grpc_status import rpc_status
 from server.demo import new_wallet_key
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
+from server.stores.postgres import POOL_TIMEOUT_SECONDS
 from tests.conftest import IN_CI, SOFTHSM_MODULE, require
 from tests.test_cli import KEYBINDER, cli_env, kb_cli
 
@@ -196,7 +197,8 @@ def test_postgres_restart_under_load(data_dir: Path, pg_url: str) -> None:
         before = len(load.acknowledged)
         _pg("stop")
         try:
-            time.sleep(2)  # RPCs in the gap must fail cleanly
+            # Longer than the pool's wait (POOL_TIMEOUT_SECONDS), so requests in the gap must fail, cleanly.
+            time.sleep(POOL_TIMEOUT_SECONDS + 2)
         finally:
             _pg("start")
         deadline = time.monotonic() + 30
