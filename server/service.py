@@ -299,13 +299,13 @@ class KeyBinderService:
                 f"bind_auth_factor_type must be one of {sorted(self.policy.bind_auth_factor_types)}"
             )
         wallet = parse_wallet_jwk(public_key_jwk)
+        # The proof's shape and signature need no secret: check them before any attempt is counted.
+        pop_nonce = self._proof_nonce(proof_of_possession, wallet.public_key, partner_id)
 
         id_hmac = self.id_hmac(individual_id)
         identity = self.identities.get_identity(id_hmac)
         consumed_otp = self._verify(identity, individual_id, id_hmac, partner_id, challenges)
-        consumed_nonce = self._check_possession(
-            proof_of_possession, wallet.public_key, id_hmac, partner_id, consumed_otp
-        )
+        consumed_nonce = self._check_nonce(pop_nonce, id_hmac, partner_id, consumed_otp)
 
         owner = self.bindings.key_owner(wallet.fingerprint)
         if owner is not None and owner != id_hmac:
@@ -344,6 +344,8 @@ class KeyBinderService:
         try:
             self.bindings.commit_binding(binding, consume_otp=consumed_otp, now=now, consume_nonce=consumed_nonce)
         except OtpAlreadyUsed as err:
+            if consumed_nonce is not None and err.args and err.args[0] == consumed_nonce:
+                raise InvalidProofOfPossessionError("the proof's nonce has already been used") from err
             raise AuthFailedError("authentication failed") from err
         except KeyOwnedByOther as err:
             raise DuplicatePublicKeyError("this public key is already bound to another individual") from err
@@ -394,10 +396,8 @@ class KeyBinderService:
             raise AuthFailedError("authentication failed")
         return consumed
 
-    def _check_possession(
-        self, proof: str, public_key: WalletPublicKey, id_hmac: bytes, partner_id: str, otp_transaction: str | None
-    ) -> str | None:
-        """Apply the partner's proof-of-possession policy; returns a GetBindingNonce nonce to consume."""
+    def _proof_nonce(self, proof: str, public_key: WalletPublicKey, partner_id: str) -> str | None:
+        """Apply the partner's proof-of-possession policy; the nonce of a verified proof, if any."""
         mode = self.policy.pop_mode(partner_id)
         if mode == "off":
             return None
@@ -405,7 +405,15 @@ class KeyBinderService:
             if mode == "required":
                 raise ProofOfPossessionRequiredError("this partner requires a proof of possession of the key")
             return None
-        nonce = verify_possession(proof, public_key, audience=self.policy.wla_audience)
+        return verify_possession(proof, public_key, audience=self.policy.wla_audience)
+
+    def _check_nonce(
+        self, nonce: str | None, id_hmac: bytes, partner_id: str, otp_transaction: str | None
+    ) -> str | None:
+        """The proof's nonce must be this binding's OTP transaction or an unused GetBindingNonce nonce
+        of this individual; returns the latter, to be consumed with the binding."""
+        if nonce is None:
+            return None
         if otp_transaction is not None and hmac.compare_digest(nonce, otp_transaction):
             return None  # the OTP is consumed with the binding already
         if self.nonces.nonce_usable(nonce, id_hmac, partner_id, self.clock.now()):
