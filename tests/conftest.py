@@ -7,6 +7,7 @@ import os
 import secrets
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,29 @@ def require(condition: bool, what: str) -> None:
     if IN_CI:
         pytest.fail(f"{what} is required under CI=true", pytrace=False)
     pytest.skip(f"{what} not available")
+
+
+PG_ADMIN_URL = os.environ.get("KEYBINDER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@contextmanager
+def fresh_database(prefix: str) -> Iterator[str]:
+    """A PostgreSQL database of its own, dropped afterwards (fails under CI=true without PostgreSQL)."""
+    import psycopg
+
+    try:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
+            name = f"{prefix}_{secrets.token_hex(4)}"
+            admin.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError:
+        require(False, "PostgreSQL at 127.0.0.1:5432")
+        raise
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        # A fresh connection: a test may have restarted the server meanwhile.
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=30) as admin:
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
@@ -130,9 +154,8 @@ class Person:
     pin: str
 
 
-@pytest.fixture
-def person(kb: RunningServer) -> Person:
-    """A newly registered individual, unique to the test, with a PIN."""
+def new_person(kb: RunningServer) -> Person:
+    """A newly registered individual with email, phone and a PIN."""
     p = Person(
         individual_id=f"{secrets.randbelow(10**12):012d}",
         email=f"user{secrets.token_hex(3)}@example.org",
@@ -143,6 +166,30 @@ def person(kb: RunningServer) -> Person:
         kb.app.service, kb.app.store, individual_id=p.individual_id, email=p.email, phone=p.phone, name="T", pin=p.pin
     )
     return p
+
+
+@pytest.fixture
+def person(kb: RunningServer) -> Person:
+    """A newly registered individual, unique to the test, with a PIN."""
+    return new_person(kb)
+
+
+def unregistered() -> Person:
+    """A well-formed individual that was never registered."""
+    return Person(f"{secrets.randbelow(10**12):012d}", "nobody@example.org", "+491500000000", "123456")
+
+
+def other_otp(otp: str) -> str:
+    """A well-formed OTP that differs from ``otp``."""
+    return ("A" if otp[0] != "A" else "B") + otp[1:]
+
+
+def other_pin(pin: str) -> str:
+    return f"{(int(pin) + 1) % 10**6:06d}"
+
+
+def id_hmac(kb: RunningServer, p: Person) -> bytes:
+    return kb.app.service.id_hmac(p.individual_id)
 
 
 def send_otp(kb: RunningServer, person: Person, partner: str = PARTNER) -> tuple[str, str]:

@@ -8,7 +8,6 @@ import hashlib
 import io
 import json
 import re
-import secrets
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from pkilint.bin import lint_pkix_signer_signee_cert_chain
 from pkilint.pkix import certificate, extension, name
 from pkilint.validation import ValidationFindingSeverity
 
-from server.app import issuer_chain_pem, register_identity
+from server.app import issuer_chain_pem
 from server.demo import new_wallet_key
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.jwk import WalletPublicKey, parse_wallet_jwk
@@ -38,6 +37,7 @@ from tests.conftest import (
     bind_request,
     failure,
     md,
+    new_person,
     otp_challenge,
     require,
     send_otp,
@@ -117,20 +117,6 @@ def bind(kb: RunningServer, person: Person, key_type: str = "ec-p256", partner: 
     certs = x509.load_pem_x509_certificates(resp.certificate.encode())
     assert len(certs) == 1, "`certificate` carries exactly the wallet certificate"
     return Issued(key_type, person, private.public_key(), jwk, resp, certs[0], requested_at, answered_at)
-
-
-def new_person(kb: RunningServer) -> Person:
-    """A second registered individual (the `person` fixture gives one per test)."""
-    p = Person(
-        individual_id=f"{secrets.randbelow(10**12):012d}",
-        email=f"user{secrets.token_hex(3)}@example.org",
-        phone=f"+4915{secrets.randbelow(10**8):08d}",
-        pin=f"{secrets.randbelow(10**6):06d}",
-    )
-    register_identity(
-        kb.app.service, kb.app.store, individual_id=p.individual_id, email=p.email, phone=p.phone, name="T", pin=p.pin
-    )
-    return p
 
 
 @pytest.fixture(params=KEY_TYPES)

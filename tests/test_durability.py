@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import subprocess
 import threading
@@ -23,10 +22,9 @@ from server.demo import new_wallet_key
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
 from server.stores.postgres import POOL_TIMEOUT_SECONDS
-from tests.conftest import IN_CI, SOFTHSM_MODULE, require
+from tests.conftest import IN_CI, SOFTHSM_MODULE, fresh_database, require
 from tests.test_cli import KEYBINDER, cli_env, kb_cli
 
-ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 MD = (("partner-id", "durable-wallet"),)
 PEOPLE = [f"{8100000000 + i}" for i in range(12)]
 PIN = "482913"
@@ -34,17 +32,8 @@ PIN = "482913"
 
 @pytest.fixture(scope="module")
 def pg_url() -> Iterator[str]:
-    try:
-        admin = psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError:
-        require(False, "PostgreSQL at 127.0.0.1:5432")
-        raise
-    name = f"kb_durable_{secrets.token_hex(4)}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    admin.close()
-    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=30) as admin:
-        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    with fresh_database("kb_durable") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

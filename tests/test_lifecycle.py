@@ -34,7 +34,6 @@ from joserfc import jws
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 from yoyo import get_backend, read_migrations
 
-from server.app import register_identity
 from server.demo import WalletPrivateKey, new_wallet_key
 from server.domain import Binding, BindingStatus
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
@@ -50,10 +49,15 @@ from tests.conftest import (
     RunningServer,
     bind_request,
     failure,
+    id_hmac,
     md,
+    new_person,
+    other_otp,
+    other_pin,
     otp_challenge,
     pin_challenge,
     send_otp,
+    unregistered,
 )
 
 DOMAIN = "keybinder"
@@ -129,36 +133,6 @@ def ecdsa_raw(private: ec.EllipticCurvePrivateKey, digest: hashes.HashAlgorithm)
 def with_proof(req: pb.DoKeyBindingRequest, pop: str) -> pb.DoKeyBindingRequest:
     req.proof_of_possession = pop
     return req
-
-
-def new_person(kb: RunningServer) -> Person:
-    """Another registered individual with a PIN, like the ``person`` fixture."""
-    p = Person(
-        individual_id=f"{secrets.randbelow(10**12):012d}",
-        email=f"user{secrets.token_hex(3)}@example.org",
-        phone=f"+4915{secrets.randbelow(10**8):08d}",
-        pin=f"{secrets.randbelow(10**6):06d}",
-    )
-    register_identity(
-        kb.app.service, kb.app.store, individual_id=p.individual_id, email=p.email, phone=p.phone, name="T", pin=p.pin
-    )
-    return p
-
-
-def unregistered() -> Person:
-    return Person(f"{secrets.randbelow(10**12):012d}", "nobody@example.org", "+491500000000", "123456")
-
-
-def other_otp(otp: str) -> str:
-    return ("A" if otp[0] != "A" else "B") + otp[1:]
-
-
-def other_pin(pin: str) -> str:
-    return f"{(int(pin) + 1) % 10**6:06d}"
-
-
-def id_hmac(kb: RunningServer, p: Person) -> bytes:
-    return kb.app.service.id_hmac(p.individual_id)
 
 
 def fingerprint(jwk: str) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import secrets
 import signal
 import subprocess
 import time
@@ -12,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from joserfc import jws
@@ -22,28 +20,16 @@ from server.demo import new_wallet_key, read_otp
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
 from server.stores.postgres import PostgresStore
-from tests.conftest import SOFTHSM_MODULE, require
+from tests.conftest import SOFTHSM_MODULE, fresh_database, require
 from tests.test_cli import DEMO_ID, KEYBINDER, cli_env, kb_cli
 
-ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 MD = (("partner-id", "pg-wallet"),)
 
 
 @pytest.fixture(scope="module")
 def pg_url() -> Iterator[str]:
-    """A database of its own for this module, dropped afterwards."""
-    try:
-        admin = psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError:
-        require(False, "PostgreSQL at 127.0.0.1:5432")
-        raise
-    name = f"kb_server_{secrets.token_hex(4)}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        admin.close()
+    with fresh_database("kb_server") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

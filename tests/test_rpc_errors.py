@@ -32,10 +32,14 @@ from tests.conftest import (
     RunningServer,
     bind_request,
     failure,
+    id_hmac,
     md,
+    other_otp,
+    other_pin,
     otp_challenge,
     pin_challenge,
     send_otp,
+    unregistered,
 )
 
 OTHER_PARTNER = "other-wallet"
@@ -105,23 +109,6 @@ def register(kb: RunningServer, *, phone: bool | str = True, pin: bool = True) -
         pin=p.pin or None,
     )
     return p
-
-
-def unregistered() -> Person:
-    return Person(f"{secrets.randbelow(10**12):012d}", "nobody@example.org", "+491500000000", "123456")
-
-
-def other_otp(otp: str) -> str:
-    """A well-formed OTP that differs from ``otp``."""
-    return ("A" if otp[0] != "A" else "B") + otp[1:]
-
-
-def other_pin(pin: str) -> str:
-    return f"{(int(pin) + 1) % 10**6:06d}"
-
-
-def id_hmac(kb: RunningServer, p: Person) -> bytes:
-    return kb.app.service.id_hmac(p.individual_id)
 
 
 def bind(kb: RunningServer, req: pb.DoKeyBindingRequest, partner: str = PARTNER) -> pb.DoKeyBindingResponse:

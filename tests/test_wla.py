@@ -25,7 +25,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from joserfc import jws
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
-from server.app import register_identity
 from server.demo import WalletPrivateKey, new_wallet_key
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.stores.sqlite import ts
@@ -38,8 +37,10 @@ from tests.conftest import (
     bind_request,
     failure,
     md,
+    new_person,
     otp_challenge,
     send_otp,
+    unregistered,
 )
 
 DOMAIN = "keybinder"
@@ -107,24 +108,6 @@ def claims(sub: str, *, iat: int = 0, lifetime: int = 60, aud: Any = AUDIENCE, j
 
 def without(c: Claims, name: str) -> Claims:
     return {k: v for k, v in c.items() if k != name}
-
-
-def new_person(kb: RunningServer) -> Person:
-    """Another registered individual, like the ``person`` fixture."""
-    p = Person(
-        individual_id=f"{secrets.randbelow(10**12):012d}",
-        email=f"user{secrets.token_hex(3)}@example.org",
-        phone=f"+4915{secrets.randbelow(10**8):08d}",
-        pin=f"{secrets.randbelow(10**6):06d}",
-    )
-    register_identity(
-        kb.app.service, kb.app.store, individual_id=p.individual_id, email=p.email, phone=p.phone, name="T", pin=p.pin
-    )
-    return p
-
-
-def unregistered() -> Person:
-    return Person(f"{secrets.randbelow(10**12):012d}", "nobody@example.org", "+491500000000", "123456")
 
 
 @dataclass(frozen=True)
