@@ -45,7 +45,7 @@ class OtpStore(Protocol):
         """Store ``otp`` and invalidate every other outstanding OTP of that individual and partner."""
         ...
 
-    def discard_otp(self, transaction_id: str) -> None: ...
+    def discard_otp(self, transaction_id: str, id_hmac: bytes) -> None: ...
 
     def claim_otp_attempt(self, id_hmac: bytes, partner_id: str, now: datetime) -> OtpRecord | None:
         """Atomically count one verification attempt against the latest usable OTP.
@@ -73,7 +73,13 @@ class BindingStore(Protocol):
 
     def active_binding(self, id_hmac: bytes, partner_id: str, factor: str) -> Binding | None: ...
 
-    def binding_by_thumbprint(self, thumbprint: str) -> Binding | None: ...
+    def binding_by_thumbprint(self, thumbprint: str) -> Binding | None:
+        """Any binding with this certificate thumbprint (GetBinding: the caller knows no individual)."""
+        ...
+
+    def binding_of(self, id_hmac: bytes, thumbprint: str) -> Binding | None:
+        """The individual's binding with this certificate thumbprint (keyed by the individual)."""
+        ...
 
     def latest_binding_by_psut(self, psut: str, partner_id: str, factor: str) -> Binding | None:
         """The active binding, else the most recent one."""

@@ -246,7 +246,7 @@ class KeyBinderService:
                 self.notifier.send(OtpMessage(channel, address, transaction_id, otp, now))
         except DeliveryFailed as err:
             # An OTP nobody received must not stay usable.
-            self.otps.discard_otp(transaction_id)
+            self.otps.discard_otp(transaction_id, id_hmac)
             raise SendOtpFailedError("the OTP could not be delivered") from err
         return SendOtpResult(
             transaction_id=transaction_id,
@@ -428,8 +428,8 @@ class KeyBinderService:
         now = self.clock.now()
         active = self.bindings.active_binding(id_hmac, partner_id, factor)
         if active is None or active.cert_thumbprint != header.x5t_s256:
-            named = self.bindings.binding_by_thumbprint(header.x5t_s256)
-            if named is not None and named.id_hmac == id_hmac and named.partner_id == partner_id:
+            named = self.bindings.binding_of(id_hmac, header.x5t_s256)
+            if named is not None and named.partner_id == partner_id:
                 if named.status is BindingStatus.SUPERSEDED:
                     raise BindingSupersededError("the token names a binding that has been superseded")
                 if named.status is BindingStatus.REVOKED:

@@ -71,7 +71,7 @@ def fresh_schema() -> Iterator[str]:
 def pg_url() -> Iterator[str]:
     """One migrated schema for this module's PostgreSQL tests."""
     with fresh_schema() as url:
-        assert pg.migrate(url) == 2
+        assert pg.migrate(url) == len(list(Path(pg.migrations_dir()).glob("*.sql")))
         yield url
 
 
@@ -276,12 +276,16 @@ def test_discard_otp(store: Store) -> None:
     id_hmac = new_id()
     otp = make_otp(id_hmac)
     store.replace_otp(otp)
-    store.discard_otp(otp.transaction_id)
+    store.discard_otp(otp.transaction_id, otp.id_hmac)
     assert store.otp_state(otp.transaction_id) is None
     assert store.claim_otp_attempt(id_hmac, PARTNER, T0) is None
-    store.discard_otp("no-such-transaction")  # nothing to do is not an error
+    store.discard_otp("no-such-transaction", id_hmac)  # nothing to do is not an error
+    other = make_otp(new_id())
+    store.replace_otp(other)
+    store.discard_otp(other.transaction_id, id_hmac)  # another individual's OTP is out of reach
+    assert store.otp_state(other.transaction_id) == ("pending", 0)
     store.replace_otp(make_otp(id_hmac))  # the slot is free for a new one
-    assert store.count_rows("otps") == 1
+    assert store.count_rows("otps") == 2
 
 
 # -- bindings ---------------------------------------------------------------------------------
@@ -410,6 +414,9 @@ def test_binding_lookups_by_thumbprint_and_psut(store: Store) -> None:
     assert store.binding_by_thumbprint(new.cert_thumbprint) == new
     assert store.binding_by_thumbprint(old.cert_thumbprint) == superseded
     assert store.binding_by_thumbprint("x5t-unknown") is None
+    assert store.binding_of(new.id_hmac, new.cert_thumbprint) == new
+    assert store.binding_of(new.id_hmac, old.cert_thumbprint) == superseded
+    assert store.binding_of(new_id(), new.cert_thumbprint) is None
 
     assert store.latest_binding_by_psut(new.psut, PARTNER, "WLA") == new
     assert store.latest_binding_by_psut(new.psut, OTHER_PARTNER, "WLA") is None
@@ -627,7 +634,7 @@ def test_pg_migration_0002_alters_in_place_without_losing_rows() -> None:
                 )
             before = {t: conn.execute(select_all(t)).fetchall() for t in TABLES[:5]}
 
-        assert pg.migrate(url) == 1
+        assert pg.migrate(url) == 2  # 0002 and 0003, in place
         assert pg.migrate(url) == 0
 
         with psycopg.connect(url, autocommit=True) as conn:
@@ -720,7 +727,6 @@ PER_INDIVIDUAL_TABLES = {"individuals", "otps", "bindings", "wla_jtis", "binding
 #: Statements allowed to run without id_hmac; the store explains each one where it defines it.
 NOT_SHARD_KEYED = {
     pg.SQL_COUNT_IDENTITIES: "admin count of every individual",
-    pg.SQL_DISCARD_OTP: "OtpStore.discard_otp receives only the transaction id",
     pg.SQL_OTP_STATE: "test helper, by transaction id",
     pg.SQL_BINDING_BY_THUMBPRINT: "lookup by certificate: the thumbprint does not reveal the id_hmac",
     pg.SQL_LATEST_BINDING_BY_PSUT: "lookup by PSUT: the PSUT does not reveal the id_hmac",

@@ -70,10 +70,8 @@ SQL_INSERT_OTP: Final = (
     "INSERT INTO otps (transaction_id, id_hmac, partner_id, otp_hmac, created_at, expires_at, attempts,"
     " max_attempts, state) VALUES (%s, %s, %s, %s, %s, %s, 0, %s, 'pending')"
 )
-# Request path (an OTP whose delivery failed), but OtpStore.discard_otp receives only the transaction id,
-# so this cannot name the shard and fans out on a distributed database. Giving the port the id_hmac
-# would make it single-shard.
-SQL_DISCARD_OTP: Final = "DELETE FROM otps WHERE transaction_id = %s"
+# Request path: an OTP whose delivery failed must not stay usable.
+SQL_DISCARD_OTP: Final = "DELETE FROM otps WHERE id_hmac = %s AND transaction_id = %s"
 # One statement: the check and the increment cannot be split by a concurrent guess. A concurrent
 # UPDATE of the same row waits for this one and then re-evaluates the WHERE clause on the new row.
 SQL_CLAIM_OTP_ATTEMPT: Final = (
@@ -115,9 +113,11 @@ SQL_ACTIVE_BINDING: Final = (
     f"SELECT {BINDING_COLUMNS} FROM bindings"  # noqa: S608
     " WHERE id_hmac = %s AND partner_id = %s AND auth_factor_type = %s AND status = 'active'"
 )
-# Lookup by certificate (GetBinding by thumbprint; WLA error reporting). A thumbprint does not reveal the
-# id_hmac, so on a distributed database this fans out to every shard (one index probe each).
+# Lookup by certificate for GetBinding, where the partner names no individual. A thumbprint does not
+# reveal the id_hmac, so on a distributed database this fans out to every shard (one index probe each).
 SQL_BINDING_BY_THUMBPRINT: Final = f"SELECT {BINDING_COLUMNS} FROM bindings WHERE cert_thumbprint = %s"  # noqa: S608
+# The same for a known individual (WLA verification): single-shard.
+SQL_BINDING_OF: Final = f"SELECT {BINDING_COLUMNS} FROM bindings WHERE id_hmac = %s AND cert_thumbprint = %s"  # noqa: S608
 # Lookup by PSUT (GetBinding). The PSUT is an HMAC of partner and individual ID and does not reveal the
 # id_hmac either, so this fans out too. All rows it can match belong to one individual.
 SQL_LATEST_BINDING_BY_PSUT: Final = (
@@ -365,9 +365,9 @@ class PostgresStore:
 
         self._run(work, write=True)
 
-    def discard_otp(self, transaction_id: str) -> None:
+    def discard_otp(self, transaction_id: str, id_hmac: bytes) -> None:
         def work(cur: Cur) -> None:
-            cur.execute(SQL_DISCARD_OTP, (transaction_id,))
+            cur.execute(SQL_DISCARD_OTP, (id_hmac, transaction_id))
 
         self._run(work, write=True)
 
@@ -461,6 +461,10 @@ class PostgresStore:
 
     def binding_by_thumbprint(self, thumbprint: str) -> Binding | None:
         rows = self._read(SQL_BINDING_BY_THUMBPRINT, (thumbprint,))
+        return _binding(rows[0]) if rows else None
+
+    def binding_of(self, id_hmac: bytes, thumbprint: str) -> Binding | None:
+        rows = self._read(SQL_BINDING_OF, (id_hmac, thumbprint))
         return _binding(rows[0]) if rows else None
 
     def latest_binding_by_psut(self, psut: str, partner_id: str, factor: str) -> Binding | None:

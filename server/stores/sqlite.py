@@ -162,9 +162,9 @@ class SqliteStore:
                 ),
             )
 
-    def discard_otp(self, transaction_id: str) -> None:
+    def discard_otp(self, transaction_id: str, id_hmac: bytes) -> None:
         with self._tx() as conn:
-            conn.execute("DELETE FROM otps WHERE transaction_id = ?", (transaction_id,))
+            conn.execute("DELETE FROM otps WHERE id_hmac = ? AND transaction_id = ?", (id_hmac, transaction_id))
 
     def claim_otp_attempt(self, id_hmac: bytes, partner_id: str, now: datetime) -> OtpRecord | None:
         # One statement: the check and the increment cannot be split by a concurrent guess.
@@ -275,6 +275,10 @@ class SqliteStore:
 
     def binding_by_thumbprint(self, thumbprint: str) -> Binding | None:
         rows = self._query("SELECT * FROM bindings WHERE cert_thumbprint = ?", (thumbprint,))
+        return _binding(rows[0]) if rows else None
+
+    def binding_of(self, id_hmac: bytes, thumbprint: str) -> Binding | None:
+        rows = self._query("SELECT * FROM bindings WHERE id_hmac = ? AND cert_thumbprint = ?", (id_hmac, thumbprint))
         return _binding(rows[0]) if rows else None
 
     def latest_binding_by_psut(self, psut: str, partner_id: str, factor: str) -> Binding | None:
