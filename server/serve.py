@@ -130,15 +130,18 @@ class Server:
         await self._stopped.wait()
 
 
-async def serve(settings: Settings, on_ready: Callable[[int], None] | None = None, *, reuse_port: bool = False) -> None:
-    server = Server(settings, reuse_port=reuse_port)
-    port = await server.start()
-    if on_ready is not None:
-        on_ready(port)
+async def serve(
+    settings: Settings, on_ready: Callable[[int], None] | None = None, *, reuse_port: bool = False
+) -> None:
+    # Handlers first: a SIGTERM that arrives as soon as we announce the port must drain, not kill.
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_requested.set)
+    server = Server(settings, reuse_port=reuse_port)
+    port = await server.start()
+    if on_ready is not None:
+        on_ready(port)
     await stop_requested.wait()
     log.info("shutting down (grace %.1fs)", settings.shutdown_grace_seconds)
     await server.stop()
