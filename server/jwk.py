@@ -66,7 +66,8 @@ def _b64(value: Any, member: str) -> bytes:
 def _check_use(jwk: dict[str, Any], algs: frozenset[str]) -> None:
     alg = jwk.get("alg")
     if alg is not None and (not isinstance(alg, str) or alg not in algs):
-        raise InvalidPublicKeyError(f"JWK alg {alg!r} does not match the key type")
+        # Never echo the caller's value: it may be huge, and messages carry no request data.
+        raise InvalidPublicKeyError(f"JWK alg must be one of {sorted(algs)} for this key type")
     use = jwk.get("use")
     if use is not None and use != "sig":
         raise InvalidPublicKeyError("JWK use must be 'sig' for a wallet signing key")
@@ -85,7 +86,7 @@ def parse_wallet_jwk(text: str) -> WalletKey:
         raise InvalidPublicKeyError(f"the public key JWK exceeds {MAX_JWK_BYTES} bytes")
     try:
         jwk = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as err:
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, and the int digit-limit ValueError
         raise InvalidPublicKeyError("the public key is not valid JSON") from err
     if not isinstance(jwk, dict):
         raise InvalidPublicKeyError("the public key JWK must be a JSON object")
