@@ -130,9 +130,7 @@ class Server:
         await self._stopped.wait()
 
 
-async def serve(
-    settings: Settings, on_ready: Callable[[int], None] | None = None, *, reuse_port: bool = False
-) -> None:
+async def serve(settings: Settings, on_ready: Callable[[int], None] | None = None, *, reuse_port: bool = False) -> None:
     # Handlers first: a SIGTERM that arrives as soon as we announce the port must drain, not kill.
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
