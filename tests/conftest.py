@@ -14,12 +14,14 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from joserfc.jwk import ECKey, OKPKey, RSAKey
 
 from server.app import App, initialise, register_identity
 from server.config import DEFAULT_MODULE, Settings, load_settings
-from server.demo import read_otp
+from server.demo import WalletPrivateKey, read_otp
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
 from server.serve import Server
@@ -172,6 +174,15 @@ def new_person(kb: RunningServer) -> Person:
 def person(kb: RunningServer) -> Person:
     """A newly registered individual, unique to the test, with a PIN."""
     return new_person(kb)
+
+
+def jose_key(private: WalletPrivateKey) -> ECKey | RSAKey | OKPKey:
+    """The joserfc key for a wallet private key, to sign test tokens and proofs with."""
+    if isinstance(private, ec.EllipticCurvePrivateKey):
+        return ECKey.import_key(private)
+    if isinstance(private, rsa.RSAPrivateKey):
+        return RSAKey.import_key(private)
+    return OKPKey.import_key(private)
 
 
 def unregistered() -> Person:

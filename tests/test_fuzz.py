@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import functools
 import json
 import math
@@ -25,7 +24,7 @@ from server.app import register_identity
 from server.demo import WalletPrivateKey, new_wallet_key
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
-from server.service import DEFAULT_INDIVIDUAL_ID_PATTERN, PARTNER_ID_PATTERN
+from server.service import DEFAULT_INDIVIDUAL_ID_PATTERN, PARTNER_ID_PATTERN, b64url
 from tests.conftest import POP_OFF_PARTNER, POP_REQUIRED_PARTNER, Person, RunningServer, md, otp_challenge, send_otp
 
 FUZZ_PARTNER = "fuzz-wallet"
@@ -264,10 +263,6 @@ def dump(value: Any, world: World) -> str:
     if isinstance(value, float) and not math.isfinite(value):
         return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     return json.dumps(value)
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 # -- strategies: JWKs ----------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from server.demo import WalletPrivateKey, new_wallet_key
 from server.domain import Binding, BindingStatus
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.jwk import parse_wallet_jwk
+from server.service import b64url
 from server.stores import sqlite as sqlite_store
 from server.stores.sqlite import SqliteStore, ts
 from tests.conftest import (
@@ -50,6 +51,7 @@ from tests.conftest import (
     bind_request,
     failure,
     id_hmac,
+    jose_key,
     md,
     new_person,
     other_otp,
@@ -79,18 +81,6 @@ DEFAULT_ALG = {"ec-p256": "ES256", "ec-p384": "ES384", "rsa-2048": "RS256", "ed2
 
 def assert_refused(f: RpcFailure, code: grpc.StatusCode, reason: str) -> None:
     assert (f.code, f.reason, f.domain) == (code, reason, DOMAIN), f
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def jose_key(private: WalletPrivateKey) -> ECKey | RSAKey | OKPKey:
-    if isinstance(private, ec.EllipticCurvePrivateKey):
-        return ECKey.import_key(private)
-    if isinstance(private, rsa.RSAPrivateKey):
-        return RSAKey.import_key(private)
-    return OKPKey.import_key(private)
 
 
 def sign_jws(private: WalletPrivateKey, alg: str, payload: dict[str, Any] | bytes, **header: Any) -> str:

@@ -23,10 +23,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from joserfc import jws
-from joserfc.jwk import ECKey, OKPKey, RSAKey
 
 from server.demo import WalletPrivateKey, new_wallet_key
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
+from server.service import b64url
 from server.stores.sqlite import ts
 from server.wla import TokenRules
 from tests.conftest import (
@@ -36,6 +36,7 @@ from tests.conftest import (
     RunningServer,
     bind_request,
     failure,
+    jose_key,
     md,
     new_person,
     otp_challenge,
@@ -59,18 +60,6 @@ Payload = Claims | bytes
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def jose_key(private: WalletPrivateKey) -> ECKey | RSAKey | OKPKey:
-    if isinstance(private, ec.EllipticCurvePrivateKey):
-        return ECKey.import_key(private)
-    if isinstance(private, rsa.RSAPrivateKey):
-        return RSAKey.import_key(private)
-    return OKPKey.import_key(private)
 
 
 def payload_bytes(payload: Payload) -> bytes:
