@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from typing import Any, TypeVar
 
 import pkcs11
@@ -163,11 +163,6 @@ class Pkcs11Session:
                 if isinstance(translated, HsmUnavailableError):
                     self._drop()
                 raise translated from err
-
-    @contextmanager
-    def locked(self) -> Iterator[pkcs11.Session]:
-        with self._lock:
-            yield self._ensure_open()
 
     def _drop(self) -> None:
         """Forget the session after a device error; the next call re-initialises the library.

@@ -8,7 +8,7 @@ would expose key material raises, because the token never releases it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Self
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
@@ -32,7 +32,25 @@ def _digest(data: bytes, algorithm: hashes.HashAlgorithm) -> bytes:
     return h.finalize()
 
 
-class HsmEcPrivateKey(ec.EllipticCurvePrivateKey):
+class _TokenKey:
+    """What every HSM key shares: no key material leaves the token, and copies are the same handle."""
+
+    def private_bytes(
+        self,
+        encoding: serialization.Encoding,
+        format: serialization.PrivateFormat,
+        encryption_algorithm: serialization.KeySerializationEncryption,
+    ) -> bytes:
+        _not_extractable()
+
+    def __copy__(self) -> Self:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Self:
+        return self
+
+
+class HsmEcPrivateKey(_TokenKey, ec.EllipticCurvePrivateKey):
     """ECDSA in the HSM. The message is hashed here and signed with raw CKM_ECDSA.
 
     SoftHSM 2.6.1 has no CKM_ECDSA_SHA256, and CKM_ECDSA silently truncates an unhashed
@@ -71,25 +89,11 @@ class HsmEcPrivateKey(ec.EllipticCurvePrivateKey):
     def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
         _not_extractable()
 
-    def private_bytes(
-        self,
-        encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,
-        encryption_algorithm: serialization.KeySerializationEncryption,
-    ) -> bytes:
-        _not_extractable()
-
-    def __copy__(self) -> HsmEcPrivateKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> HsmEcPrivateKey:
-        return self
-
 
 _RSA_PKCS1 = {"sha256": "SHA256_RSA_PKCS", "sha384": "SHA384_RSA_PKCS", "sha512": "SHA512_RSA_PKCS"}
 
 
-class HsmRsaPrivateKey(rsa.RSAPrivateKey):
+class HsmRsaPrivateKey(_TokenKey, rsa.RSAPrivateKey):
     """RSA PKCS#1 v1.5 signatures in the HSM with the hash done by the token."""
 
     def __init__(self, public: rsa.RSAPublicKey, raw_sign: RawSign) -> None:
@@ -124,22 +128,8 @@ class HsmRsaPrivateKey(rsa.RSAPrivateKey):
     def private_numbers(self) -> rsa.RSAPrivateNumbers:
         _not_extractable()
 
-    def private_bytes(
-        self,
-        encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,
-        encryption_algorithm: serialization.KeySerializationEncryption,
-    ) -> bytes:
-        _not_extractable()
 
-    def __copy__(self) -> HsmRsaPrivateKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> HsmRsaPrivateKey:
-        return self
-
-
-class HsmEd25519PrivateKey(ed25519.Ed25519PrivateKey):
+class HsmEd25519PrivateKey(_TokenKey, ed25519.Ed25519PrivateKey):
     """Ed25519 (pure EdDSA) signatures in the HSM."""
 
     def __init__(self, public: ed25519.Ed25519PublicKey, raw_sign: RawSign) -> None:
@@ -152,22 +142,8 @@ class HsmEd25519PrivateKey(ed25519.Ed25519PrivateKey):
     def sign(self, data: BytesLike) -> bytes:
         return self._raw_sign("EDDSA", bytes(data))
 
-    def private_bytes(
-        self,
-        encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,
-        encryption_algorithm: serialization.KeySerializationEncryption,
-    ) -> bytes:
-        _not_extractable()
-
     def private_bytes_raw(self) -> bytes:
         _not_extractable()
-
-    def __copy__(self) -> HsmEd25519PrivateKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> HsmEd25519PrivateKey:
-        return self
 
 
 HsmPrivateKey = HsmEcPrivateKey | HsmRsaPrivateKey | HsmEd25519PrivateKey

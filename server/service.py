@@ -10,7 +10,7 @@ import re
 import secrets
 import string
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import ParamSpec, TypeVar
 
@@ -125,7 +125,6 @@ class KeyBindingResult:
     psut: str
     expires_at: datetime
     thumbprint: str
-    certificate: x509.Certificate = field(repr=False)
 
 
 def mask_email(email: str) -> str:
@@ -349,7 +348,7 @@ class KeyBinderService:
             raise AuthFailedError("authentication failed") from err
         except KeyOwnedByOther as err:
             raise DuplicatePublicKeyError("this public key is already bound to another individual") from err
-        return KeyBindingResult(binding.certificate_pem, psut, binding.expires_at, thumbprint, cert)
+        return KeyBindingResult(binding.certificate_pem, psut, binding.expires_at, thumbprint)
 
     def _verify(
         self,

@@ -515,20 +515,7 @@ def bind_deep(world: World, specs: list[ChallengeSpec], jwk: Any, proof: str | T
     proof=PROOFS,
     metadata=DEEP_PARTNERS,
 )
-def test_do_key_binding_jwk(
-    world: World, specs: list[ChallengeSpec], jwk: Any, proof: str | Token, metadata: Metadata
-) -> None:
-    bind_deep(world, specs, jwk, proof, metadata)
-
-
-@settings(FUZZ, max_examples=200)  # integers beyond json's 4,300-digit limit: invalid_public_key, not INTERNAL
-@given(
-    specs=st.lists(WELL_FORMED, min_size=1, max_size=3, unique_by=lambda c: c.factor),
-    jwk=jwks(huge_integers=True),
-    proof=PROOFS,
-    metadata=DEEP_PARTNERS,
-)
-def test_do_key_binding_jwk_huge_integer(
+def test_do_key_binding_jwk(  # includes integers beyond json's 4,300-digit limit: invalid_public_key
     world: World, specs: list[ChallengeSpec], jwk: Any, proof: str | Token, metadata: Metadata
 ) -> None:
     bind_deep(world, specs, jwk, proof, metadata)

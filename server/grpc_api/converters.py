@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -33,8 +34,8 @@ def timestamp(value: datetime) -> Timestamp:
     return ts
 
 
-def challenges_from_proto(request: pb.DoKeyBindingRequest) -> list[Challenge]:
-    return [Challenge(c.auth_factor_type, c.format, c.challenge) for c in request.challenges]
+def challenges_from_proto(challenges: Iterable[pb.AuthChallenge]) -> list[Challenge]:
+    return [Challenge(c.auth_factor_type, c.format, c.challenge) for c in challenges]
 
 
 def send_otp_to_proto(result: SendOtpResult) -> pb.SendBindingOtpResponse:

@@ -11,7 +11,6 @@ from typing import Any, TypeVar
 
 import grpc
 
-from server.challenges import Challenge
 from server.errors import KeyBinderError, RequiredHeaderMissingError
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
@@ -85,7 +84,7 @@ class KeyBinderServicer(pb_grpc.KeyBinderServiceServicer):
         self, request: pb.DoKeyBindingRequest, context: grpc.aio.ServicerContext
     ) -> pb.DoKeyBindingResponse:
         partner = partner_id(context)
-        challenges = converters.challenges_from_proto(request)
+        challenges = converters.challenges_from_proto(request.challenges)
         result = await self._run(
             lambda: self.service.do_key_binding(
                 partner,
@@ -131,7 +130,7 @@ class KeyBinderServicer(pb_grpc.KeyBinderServiceServicer):
         self, request: pb.RevokeBindingRequest, context: grpc.aio.ServicerContext
     ) -> pb.RevokeBindingResponse:
         partner = partner_id(context)
-        challenges = [Challenge(c.auth_factor_type, c.format, c.challenge) for c in request.challenges]
+        challenges = converters.challenges_from_proto(request.challenges)
         revoked = await self._run(
             lambda: self.service.revoke_binding(
                 partner, request.individual_id, challenges, request.reason, request.bind_auth_factor_type
