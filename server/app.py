@@ -196,6 +196,13 @@ def issuer_chain_pem(store: Store) -> str:
     return "".join(certs)
 
 
+def check_identity(service: KeyBinderService, *, individual_id: str, pin: str | None) -> None:
+    """Validate an identity before anything is written (KeyBinderError or ValueError)."""
+    service.check_individual_id(individual_id)
+    if pin is not None and not (len(pin) == 6 and pin.isdigit()):
+        raise ValueError("a PIN is exactly 6 digits")
+
+
 def register_identity(
     service: KeyBinderService,
     store: Store,
@@ -207,9 +214,7 @@ def register_identity(
     pin: str | None,
 ) -> bool:
     """Add or update an individual; only HMACs of the ID and PIN are stored."""
-    service.check_individual_id(individual_id)
-    if pin is not None and not (len(pin) == 6 and pin.isdigit()):
-        raise ValueError("a PIN is exactly 6 digits")
+    check_identity(service, individual_id=individual_id, pin=pin)
     id_hmac = service.id_hmac(individual_id)
     pin_hmac = service.pin_hmac(id_hmac, pin) if pin is not None else None
     return store.upsert_identity(Identity(id_hmac, email or None, phone or None, name or None, pin_hmac))

@@ -153,7 +153,7 @@ def identities_import(
     hsm_uri: HsmOpt = None,
 ) -> None:
     """Import identities; the ID and PIN are stored only as HSM-keyed HMACs."""
-    from server.app import register_identity
+    from server.app import check_identity, register_identity
     from server.errors import KeyBinderError
 
     settings = _settings(config, data_dir, database_url, hsm_uri)
@@ -174,6 +174,12 @@ def identities_import(
     kb = _with_app(settings)
     added = updated = 0
     try:
+        # Every entry is checked before the first is written: a bad file imports nothing.
+        for index, entry in enumerate(entries):
+            try:
+                check_identity(kb.service, individual_id=entry["individual_id"], pin=entry.get("pin"))
+            except (KeyBinderError, ValueError) as err:
+                raise _fail(RuntimeError(f"entry {index}: {err}")) from err
         for index, entry in enumerate(entries):
             try:
                 new = register_identity(

@@ -131,6 +131,25 @@ def test_identity_import_rejects_bad_files(data_dir: Path, tmp_path: Path, conte
     assert "12ab56" not in result.stderr
 
 
+def test_a_bad_entry_anywhere_imports_nothing(data_dir: Path, tmp_path: Path) -> None:
+    entries = [{"individual_id": "5550007777", "email": "first@example.com"}, {"individual_id": "bad id!"}]
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(entries))
+    before = _count_identities(data_dir)
+    result = kb_cli("identities", "import", str(path), data_dir=data_dir)
+    assert result.returncode != 0
+    assert "entry 1" in result.stderr
+    assert _count_identities(data_dir) == before, "the valid first entry must not have been imported"
+
+
+def _count_identities(data_dir: Path) -> int:
+    store = SqliteStore(data_dir / "keybinder.db")
+    try:
+        return store.count_identities()
+    finally:
+        store.close()
+
+
 def test_identities_add_reads_the_pin_from_stdin_not_argv(data_dir: Path) -> None:
     result = kb_cli(
         "identities", "add", "5550009999", "--email", "c@example.com", "--with-pin", data_dir=data_dir, stdin="864209\n"
