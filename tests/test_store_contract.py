@@ -589,7 +589,7 @@ def test_parallel_binds_of_one_key_by_different_individuals(store: Store) -> Non
     key = f"key-{secrets.token_hex(8)}"
     results = race(10, lambda i: store.commit_binding(make_binding(ids[i], key=key), consume_otp=None, now=T0))
     assert sum(r is None for r in results) == 1
-    assert all(isinstance(r, KeyOwnedByOther) for r in results if r is not None)
+    assert all(isinstance(r, KeyOwnedByOther) for r in results if r is not None), [repr(r) for r in results]
     winner = ids[results.index(None)]
     assert store.key_owner(key) == winner
     assert (store.count_rows("bindings"), store.count_rows("wallet_keys")) == (1, 1)

@@ -40,6 +40,11 @@ def migrate(path: Path) -> int:
     with backend.lock():
         pending = backend.to_apply(migrations)
         backend.apply_migrations(pending)
+    # WAL is a property of the file, set once here: switching it per connection needs an exclusive
+    # lock that SQLite does not wait for, so connections opened at the same moment failed with "locked".
+    with sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+    conn.close()
     return len(pending)
 
 
@@ -66,7 +71,6 @@ class SqliteStore:
                 conn = sqlite3.connect(
                     self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
                 )
-                conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.execute("PRAGMA foreign_keys=ON")
             except sqlite3.Error as err:
