@@ -1,11 +1,16 @@
-"""Production shape under stress: kill -9 of every worker under load, and PostgreSQL restarted under load."""
+"""Production shape under stress: kill -9 of every worker under load, and PostgreSQL restarted under load
+(a throwaway cluster of the test's own; the shared server on 5432 is never restarted)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -36,10 +41,8 @@ def pg_url() -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> Path:
+def make_data_dir(path: Path, pg_url: str) -> Path:
     require(Path(SOFTHSM_MODULE).exists(), f"SoftHSM2 ({SOFTHSM_MODULE})")
-    path = tmp_path_factory.mktemp("durable-data")
     (path / "keybinder.toml").write_text(f'database_url = "{pg_url}"\n')
     assert kb_cli("init", "--config", str(path / "keybinder.toml"), data_dir=path).returncode == 0
     people = path / "people.json"
@@ -47,6 +50,70 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> Path:
     result = kb_cli("identities", "import", str(people), "--config", str(path / "keybinder.toml"), data_dir=path)
     assert result.returncode == 0, result.stderr
     return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> Path:
+    return make_data_dir(tmp_path_factory.mktemp("durable-data"), pg_url)
+
+
+class OwnPostgres:
+    """A throwaway PostgreSQL cluster (initdb in a temporary directory, a free port), so that the restart
+    test never touches the shared server on 5432. As root the cluster runs as the postgres user (initdb
+    refuses root)."""
+
+    def __init__(self, root: Path) -> None:
+        versions = (
+            sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb")) if Path("/usr/lib/postgresql").is_dir() else []
+        )
+        require(bool(versions), "PostgreSQL server binaries (initdb) for a throwaway cluster")
+        self.bin = versions[-1].parent
+        self.root = root
+        self.data = root / "pgdata"
+        self.port = free_port()
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:
+            shutil.chown(root, "postgres", "postgres")
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, tool: str, *args: str) -> None:
+        result = subprocess.run([*self.as_user, str(self.bin / tool), *args], capture_output=True, text=True)
+        assert result.returncode == 0, f"{tool} failed: {result.stderr[-2000:]}"
+
+    def start(self) -> None:
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c fsync=off"
+        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "log"), "-w", "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+
+@pytest.fixture(scope="module")
+def own_postgres() -> Iterator[OwnPostgres]:
+    # Not under pytest's tmp dir: that is private to root (0700), and the cluster runs as postgres.
+    root = Path(tempfile.mkdtemp(prefix="kb-own-pg-"))
+    root.chmod(0o755)
+    try:
+        cluster = OwnPostgres(root)
+        cluster.start()
+        try:
+            yield cluster
+        finally:
+            with contextlib.suppress(AssertionError):
+                cluster.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def start(data_dir: Path, workers: int = 2) -> tuple[subprocess.Popen[str], int]:
@@ -167,28 +234,20 @@ def test_kill_9_of_every_worker_loses_no_acknowledged_binding(data_dir: Path, pg
         restarted.wait(30)
 
 
-def _pg(action: str) -> None:
-    version = sorted(os.listdir("/etc/postgresql"))[-1]
-    subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action], check=True, capture_output=True
-    )
-
-
-def test_postgres_restart_under_load(data_dir: Path, pg_url: str) -> None:
-    # Fails under CI=true, skips on a developer machine, like every other missing component.
-    require(Path("/etc/postgresql").is_dir() and os.geteuid() == 0, "a local PostgreSQL cluster to restart (root)")
-    proc, port = start(data_dir)
+def test_postgres_restart_under_load(tmp_path: Path, own_postgres: OwnPostgres) -> None:
+    own_data = make_data_dir(tmp_path, own_postgres.url)
+    proc, port = start(own_data)
     load = Load(port)
     load.start(3)
     try:
         time.sleep(1.5)
         before = len(load.acknowledged)
-        _pg("stop")
+        own_postgres.stop()
         try:
             # Longer than the pool's wait (POOL_TIMEOUT_SECONDS), so requests in the gap must fail, cleanly.
             time.sleep(POOL_TIMEOUT_SECONDS + 2)
         finally:
-            _pg("start")
+            own_postgres.start()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and len(load.acknowledged) < before + 20:
             time.sleep(0.2)
@@ -200,4 +259,4 @@ def test_postgres_restart_under_load(data_dir: Path, pg_url: str) -> None:
     assert load.failures, "the outage was not noticed"
     unexpected = [f for f in load.failures if f != (grpc.StatusCode.UNAVAILABLE, "key_binding_failed")]
     assert not unexpected, f"failures other than UNAVAILABLE/key_binding_failed: {unexpected[:5]}"
-    check_database(pg_url, load.acknowledged)
+    check_database(own_postgres.url, load.acknowledged)
