@@ -61,12 +61,19 @@ class BindingStore(Protocol):
         """The ID-HMAC the wallet key is bound to, if any."""
         ...
 
+    def claim_key(self, key_fingerprint: str, id_hmac: bytes, now: datetime) -> None:
+        """Record that the wallet key belongs to this individual, atomically and for good; raises
+        ``KeyOwnedByOther`` when another individual claimed it first. Claiming one's own key again is a
+        no-op. Its own single-row transaction, on the key's row (a distributed database keeps it on the
+        key's shard), so the binding transaction itself stays on the individual's shard."""
+        ...
+
     def commit_binding(
         self, binding: Binding, *, consume_otp: str | None, now: datetime, consume_nonce: str | None = None
     ) -> None:
         """In one transaction: mark the OTP (and PoP nonce) used if given, supersede the active
-        binding for (individual, partner, factor), and insert ``binding``. Raises
-        ``OtpAlreadyUsed`` or ``KeyOwnedByOther`` and writes nothing when a check fails."""
+        binding for (individual, partner, factor), and insert ``binding``. Raises ``OtpAlreadyUsed``
+        and writes nothing when a check fails. The caller has claimed the key (``claim_key``) first."""
         ...
 
     def bindings_for(self, id_hmac: bytes, partner_id: str) -> Sequence[Binding]: ...

@@ -306,10 +306,6 @@ class KeyBinderService:
         consumed_otp = self._verify(identity, individual_id, id_hmac, partner_id, challenges)
         consumed_nonce = self._check_nonce(pop_nonce, id_hmac, partner_id, consumed_otp)
 
-        owner = self.bindings.key_owner(wallet.fingerprint)
-        if owner is not None and owner != id_hmac:
-            raise DuplicatePublicKeyError("this public key is already bound to another individual")
-
         psut = b64url(self.hasher.mac(MAC_PSUT, partner_id, individual_id))
         now = self.clock.now()
         issuer = self._active_issuer(now)
@@ -341,6 +337,11 @@ class KeyBinderService:
             expires_at=cert.not_valid_after_utc,
         )
         try:
+            # The key is claimed for this individual only now, when every challenge has passed (so nobody
+            # can reserve a stranger's key) and just before the binding commits. It is its own transaction
+            # on the key's row, so the binding's transaction touches one individual's rows only; a claim
+            # whose binding then fails stays, naming the individual who proved who they are with it.
+            self.bindings.claim_key(wallet.fingerprint, id_hmac, now)
             self.bindings.commit_binding(binding, consume_otp=consumed_otp, now=now, consume_nonce=consumed_nonce)
         except OtpAlreadyUsed as err:
             if consumed_nonce is not None and err.args and err.args[0] == consumed_nonce:

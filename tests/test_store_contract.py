@@ -315,7 +315,7 @@ def test_commit_binding_supersedes_the_active_binding(store: Store) -> None:
     ]
     assert list(store.bindings_for(id_hmac, OTHER_PARTNER)) == [other_partner]
     assert list(store.bindings_for(new_id(), PARTNER)) == []
-    assert store.key_owner(first.key_fingerprint) == id_hmac
+    assert store.count_rows("wallet_keys") == 0  # claiming the key is claim_key's job, in its own transaction
 
 
 @contract
@@ -328,9 +328,8 @@ def test_commit_binding_consumes_the_otp_exactly_once(store: Store) -> None:
     assert store.otp_state(otp.transaction_id) == ("used", 0)
     with pytest.raises(OtpAlreadyUsed):
         store.commit_binding(second, consume_otp=otp.transaction_id, now=T0)
-    assert (store.count_rows("bindings"), store.count_rows("wallet_keys")) == (1, 1)
+    assert store.count_rows("bindings") == 1
     assert store.active_binding(id_hmac, PARTNER, "WLA") == first
-    assert store.key_owner(second.key_fingerprint) is None
     with pytest.raises(OtpAlreadyUsed):
         store.commit_binding(make_binding(id_hmac), consume_otp="no-such-transaction", now=T0)
     assert store.count_rows("bindings") == 1
@@ -359,24 +358,19 @@ def test_commit_binding_consumes_the_nonce_exactly_once(store: Store) -> None:
 
 
 @contract
-def test_commit_binding_refuses_a_key_owned_by_another_individual(store: Store) -> None:
+def test_claim_key_refuses_a_key_owned_by_another_individual(store: Store) -> None:
     owner, other = new_id(), new_id()
-    owned = make_binding(owner)
-    store.commit_binding(owned, consume_otp=None, now=T0)
-    otp = make_otp(other)
-    store.replace_otp(otp)
+    key = f"key-{secrets.token_hex(8)}"
+    assert store.key_owner(key) is None
+    store.claim_key(key, owner, T0)
+    assert store.key_owner(key) == owner
     with pytest.raises(KeyOwnedByOther):
-        store.commit_binding(make_binding(other, key=owned.key_fingerprint), consume_otp=otp.transaction_id, now=T0)
-    # Nothing written: the OTP is still pending, no binding, the key's owner unchanged.
-    assert store.otp_state(otp.transaction_id) == ("pending", 0)
-    assert list(store.bindings_for(other, PARTNER)) == []
-    assert (store.count_rows("bindings"), store.count_rows("wallet_keys")) == (1, 1)
-    assert store.key_owner(owned.key_fingerprint) == owner
-
-    # The owner may bind the same key again (a new certificate); it supersedes the old binding.
-    again = make_binding(owner, key=owned.key_fingerprint)
-    store.commit_binding(again, consume_otp=None, now=T0)
-    assert store.active_binding(owner, PARTNER, "WLA") == again
+        store.claim_key(key, other, T0)
+    # Nothing written by the refused claim: the owner is unchanged, one row.
+    assert store.key_owner(key) == owner
+    assert store.count_rows("wallet_keys") == 1
+    # The owner may claim it again (binding the same key anew); still one row.
+    store.claim_key(key, owner, T0 + timedelta(hours=1))
     assert store.count_rows("wallet_keys") == 1
 
 
@@ -584,15 +578,15 @@ def test_parallel_commits_with_one_otp_succeed_once(store: Store) -> None:
 
 
 @contract
-def test_parallel_binds_of_one_key_by_different_individuals(store: Store) -> None:
+def test_parallel_claims_of_one_key_by_different_individuals(store: Store) -> None:
     ids = [new_id() for _ in range(10)]
     key = f"key-{secrets.token_hex(8)}"
-    results = race(10, lambda i: store.commit_binding(make_binding(ids[i], key=key), consume_otp=None, now=T0))
+    results = race(10, lambda i: store.claim_key(key, ids[i], T0))
     assert sum(r is None for r in results) == 1
     assert all(isinstance(r, KeyOwnedByOther) for r in results if r is not None), [repr(r) for r in results]
     winner = ids[results.index(None)]
     assert store.key_owner(key) == winner
-    assert (store.count_rows("bindings"), store.count_rows("wallet_keys")) == (1, 1)
+    assert store.count_rows("wallet_keys") == 1
 
 
 # -- PostgreSQL only: migrations -------------------------------------------------------------
@@ -735,7 +729,7 @@ NOT_SHARD_KEYED = {
 
 
 def tables_of(statement: str) -> set[str]:
-    return set(re.findall(r"\b(?:from|into|update|join)\s+([a-z_]+)", statement))
+    return set(re.findall(r"\b(?:from|into|(?<!for )update|join)\s+([a-z_]+)", statement))
 
 
 def keyed_by_id_hmac(statement: str) -> bool:
@@ -787,3 +781,67 @@ def test_pg_statements_on_per_individual_tables_filter_by_id_hmac(pg_url: str, m
         if tables_of(normal) & PER_INDIVIDUAL_TABLES and not keyed_by_id_hmac(normal):
             offending.append(statement)
     assert offending == []
+
+
+def id_hmac_params(statement: str, params: Any) -> list[Any]:
+    """The values a (normalised) statement passes for id_hmac: an INSERT's id_hmac column, or each
+    ``id_hmac = %s`` comparison."""
+    if not params:
+        return []
+    if statement.startswith("insert into "):
+        columns = [c.strip() for c in statement[statement.index("(") + 1 : statement.index(")")].split(",")]
+        if "id_hmac" not in columns:
+            return []
+        values = statement.split(" values (", 1)[1].split(",")
+        index = columns.index("id_hmac")
+        return [params[sum(v.strip() == "%s" for v in values[:index])]]
+    return [params[statement[: m.start()].count("%s")] for m in re.finditer(r"\bid_hmac = %s", statement)]
+
+
+def test_pg_each_write_transaction_stays_on_one_individuals_shard(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write transaction touches one individual's rows (every ID-HMAC it passes is the same one), or only
+    a table distributed otherwise (wallet_keys by key, issuers replicated) — never both."""
+    transactions: list[list[tuple[str, Any]]] = []
+    current: list[list[tuple[str, Any]]] = []
+    original_run = pg.PostgresStore._run
+    original_execute = psycopg.Cursor.execute
+
+    def run(self: pg.PostgresStore, work: Any, *, write: bool, retry_conflict: bool = True) -> Any:
+        current.append([])
+        try:
+            return original_run(self, work, write=write, retry_conflict=retry_conflict)
+        finally:
+            statements = current.pop()
+            if write:  # reads run in autocommit: each statement is its own transaction
+                transactions.append([(q, p) for q, p in statements if not q.startswith("set ")])
+
+    def recording(self: psycopg.Cursor[Any], query: Any, params: Any = None, **kwargs: Any) -> psycopg.Cursor[Any]:
+        if current and isinstance(query, str):
+            current[-1].append((" ".join(query.lower().split()), params))
+        return original_execute(self, query, params, **kwargs)
+
+    monkeypatch.setattr(pg.PostgresStore, "_run", run)
+    monkeypatch.setattr(psycopg.Cursor, "execute", recording)
+    for flow in CONTRACT_FLOWS:
+        s = empty_pg_store(pg_url)
+        try:
+            flow(s)
+        finally:
+            s.close()
+    monkeypatch.undo()
+
+    checked = 0
+    for statements in transactions:
+        if len(statements) < 2:
+            continue  # a single statement is its own transaction on its own shard
+        tables = set().union(*(tables_of(q) for q, _ in statements)) - {""}
+        if any(q.startswith("truncate") for q, _ in statements):
+            continue
+        if tables & PER_INDIVIDUAL_TABLES:
+            assert tables <= PER_INDIVIDUAL_TABLES, f"a transaction mixes shards: {sorted(tables)}"
+            keys = {bytes(v) for q, params in statements for v in id_hmac_params(q, params)}
+            assert len(keys) == 1, f"a transaction touches {len(keys)} individuals: {[q for q, _ in statements]}"
+            checked += 1
+        else:
+            assert len(tables) <= 1, f"a transaction spans {sorted(tables)}"
+    assert checked >= 5, "the flows ran too few multi-statement transactions to show anything"

@@ -90,8 +90,9 @@ SQL_CONSUME_NONCE: Final = (
     "UPDATE binding_nonces SET used_at = %s WHERE id_hmac = %s AND nonce = %s AND used_at IS NULL"
 )
 
-# wallet_keys is distributed by key_fingerprint, not id_hmac (a key's owner is a global fact); these are
-# single-shard on the key's shard. See migrations/postgresql/0001_initial.sql.
+# wallet_keys is distributed by key_fingerprint, not id_hmac (a key's owner is a global fact). Both
+# statements are single-row and run in their own transaction (autocommit), never inside an individual's
+# binding transaction, so that transaction stays on one shard. See claim_key.
 SQL_KEY_OWNER: Final = "SELECT id_hmac FROM wallet_keys WHERE key_fingerprint = %s"
 SQL_CLAIM_KEY: Final = (
     "INSERT INTO wallet_keys (key_fingerprint, id_hmac, created_at) VALUES (%s, %s, %s)"
@@ -398,6 +399,7 @@ class PostgresStore:
     # -- bindings -------------------------------------------------------------------------
 
     def key_owner(self, key_fingerprint: str) -> bytes | None:
+        """The ID-HMAC that claimed the wallet key, if any (admin and tests)."""
         rows = self._read(SQL_KEY_OWNER, (key_fingerprint,))
         return bytes(rows[0][0]) if rows else None
 
@@ -414,6 +416,23 @@ class PostgresStore:
             if cur.rowcount != 1:
                 raise OtpAlreadyUsed(nonce)
 
+    def claim_key(self, key_fingerprint: str, id_hmac: bytes, now: datetime) -> None:
+        def work(cur: Cur) -> bytes | None:
+            # One autocommitted INSERT: a concurrent claim of the same key waits for it, then does nothing.
+            cur.execute(SQL_CLAIM_KEY, (key_fingerprint, id_hmac, _utc(now)))
+            if cur.rowcount == 1:
+                return id_hmac
+            cur.execute(SQL_KEY_OWNER, (key_fingerprint,))
+            row = cur.fetchone()
+            return None if row is None else bytes(row[0])
+
+        owner = self._run(work, write=False)
+        if owner is None:
+            # Keys are never deleted, so this cannot happen; if it does, a retry decides afresh.
+            raise StoreUnavailable("the wallet key changed during the binding; retry")
+        if owner != id_hmac:
+            raise KeyOwnedByOther(key_fingerprint)
+
     def commit_binding(
         self, binding: Binding, *, consume_otp: str | None, now: datetime, consume_nonce: str | None = None
     ) -> None:
@@ -422,16 +441,6 @@ class PostgresStore:
         def work(cur: Cur) -> None:
             self._lock_individual(cur, b.id_hmac)
             self._consume(cur, b.id_hmac, consume_otp, consume_nonce, now)
-            # A concurrent claim of the same key by someone else waits for theirs to commit or roll back.
-            cur.execute(SQL_CLAIM_KEY, (b.key_fingerprint, b.id_hmac, _utc(now)))
-            if cur.rowcount != 1:
-                cur.execute(SQL_KEY_OWNER, (b.key_fingerprint,))
-                row = cur.fetchone()
-                if row is None:
-                    # Keys are never deleted, so this cannot happen; if it does, a retry decides afresh.
-                    raise StoreUnavailable("the wallet key changed during the binding; retry")
-                if bytes(row[0]) != b.id_hmac:
-                    raise KeyOwnedByOther(b.key_fingerprint)
             cur.execute(SQL_SUPERSEDE_ACTIVE, (_utc(now), b.id_hmac, b.partner_id, b.auth_factor_type))
             cur.execute(
                 SQL_INSERT_BINDING,

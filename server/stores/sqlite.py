@@ -224,21 +224,25 @@ class SqliteStore:
             if cur.rowcount != 1:
                 raise OtpAlreadyUsed(nonce)
 
+    def claim_key(self, key_fingerprint: str, id_hmac: bytes, now: datetime) -> None:
+        # Its own transaction, as in the PostgreSQL store (where it keeps the binding on one shard).
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO wallet_keys (key_fingerprint, id_hmac, created_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (key_fingerprint) DO NOTHING",
+                (key_fingerprint, id_hmac, ts(now)),
+            )
+            owner = conn.execute(
+                "SELECT id_hmac FROM wallet_keys WHERE key_fingerprint = ?", (key_fingerprint,)
+            ).fetchone()
+        if owner is None or bytes(owner[0]) != id_hmac:
+            raise KeyOwnedByOther(key_fingerprint)
+
     def commit_binding(
         self, binding: Binding, *, consume_otp: str | None, now: datetime, consume_nonce: str | None = None
     ) -> None:
         with self._tx() as conn:
             self._consume(conn, binding.id_hmac, consume_otp, consume_nonce, now)
-            owner = conn.execute(
-                "SELECT id_hmac FROM wallet_keys WHERE key_fingerprint = ?", (binding.key_fingerprint,)
-            ).fetchone()
-            if owner is None:
-                conn.execute(
-                    "INSERT INTO wallet_keys (key_fingerprint, id_hmac, created_at) VALUES (?, ?, ?)",
-                    (binding.key_fingerprint, binding.id_hmac, ts(now)),
-                )
-            elif bytes(owner[0]) != binding.id_hmac:
-                raise KeyOwnedByOther(binding.key_fingerprint)
             conn.execute(
                 "UPDATE bindings SET status = 'superseded', superseded_at = ?"
                 " WHERE id_hmac = ? AND partner_id = ? AND auth_factor_type = ? AND status = 'active'",
