@@ -17,8 +17,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from joserfc.errors import JoseError
-from joserfc.jwk import JWKRegistry
+from joserfc.jwk import thumbprint as jwk_thumbprint
 
 from server.errors import InvalidPublicKeyError
 
@@ -78,6 +77,24 @@ def _check_use(jwk: dict[str, Any], algs: frozenset[str]) -> None:
         raise InvalidPublicKeyError("JWK key_ops may only contain 'verify'")
 
 
+_THUMBPRINT_MEMBERS: dict[str, tuple[str, ...]] = {
+    "EC": ("crv", "kty", "x", "y"),
+    "RSA": ("e", "kty", "n"),
+    "OKP": ("crv", "kty", "x"),
+}
+#: RFC 7517 section 4 members with a defined type; others are ignored, as the RFC requires.
+_STRING_MEMBERS = ("kid", "x5u", "x5t", "x5t#S256")
+
+
+def _check_registered_members(jwk: dict[str, Any]) -> None:
+    for member in _STRING_MEMBERS:
+        if member in jwk and not isinstance(jwk[member], str):
+            raise InvalidPublicKeyError(f"JWK member {member!r} must be a string")
+    x5c = jwk.get("x5c")
+    if x5c is not None and (not isinstance(x5c, list) or not all(isinstance(c, str) for c in x5c)):
+        raise InvalidPublicKeyError("JWK member 'x5c' must be an array of strings")
+
+
 def parse_wallet_jwk(text: str) -> WalletKey:
     """Validate ``text`` as a public JWK of an accepted wallet key type, or raise."""
     if not text or not text.strip():
@@ -103,12 +120,9 @@ def parse_wallet_jwk(text: str) -> WalletKey:
         public = _okp_key(jwk)
     else:
         raise InvalidPublicKeyError("unsupported JWK kty; use EC (P-256, P-384), RSA or OKP (Ed25519)")
-    try:
-        # joserfc re-parses the JWK as a whole: member registry types, use/key_ops consistency.
-        imported = JWKRegistry.import_key(jwk)
-        thumbprint = imported.thumbprint()
-    except (JoseError, ValueError, TypeError, KeyError) as err:
-        raise InvalidPublicKeyError("the public key JWK is malformed") from err
+    _check_registered_members(jwk)
+    # RFC 7638: the hash of the required members only (their values were checked above).
+    thumbprint = jwk_thumbprint({m: jwk[m] for m in _THUMBPRINT_MEMBERS[kty]})
     der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return WalletKey(public, kty, hashlib.sha256(der).hexdigest(), thumbprint)
 
@@ -124,7 +138,7 @@ def _ec_key(jwk: dict[str, Any]) -> ec.EllipticCurvePublicKey:
         raise InvalidPublicKeyError(f"EC {crv} coordinates must be {size} bytes each")
     try:
         # public_key() checks that the point is on the curve.
-        return ec.EllipticCurvePublicNumbers(int.from_bytes(x, "big"), int.from_bytes(y, "big"), curve()).public_key()
+        return ec.EllipticCurvePublicKey.from_encoded_point(curve(), b"\x04" + x + y)
     except ValueError as err:
         raise InvalidPublicKeyError(f"the EC point is not on curve {crv}") from err
 

@@ -36,7 +36,9 @@ class Server:
         self._reuse_port = reuse_port
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
-        self._executor = ThreadPoolExecutor(settings.rpc_threads, thread_name_prefix="keybinder-rpc")
+        threads = settings.service_threads
+        # None: service calls run on the event loop thread (see Settings.service_threads).
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="keybinder-rpc") if threads else None
         # The probe gets its own thread so that a hung HSM call cannot starve it of RPC threads.
         self._probe_executor = ThreadPoolExecutor(1, thread_name_prefix="keybinder-probe")
         self._probe_task: asyncio.Task[None] | None = None
@@ -119,7 +121,8 @@ class Server:
             self._probe_task.cancel()
         await self._health.enter_graceful_shutdown()
         await server.stop(self.settings.shutdown_grace_seconds)
-        self._executor.shutdown(wait=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
         self._probe_executor.shutdown(wait=True)
         if self.app is not None:
             self.app.close()
