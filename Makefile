@@ -70,7 +70,7 @@ proto-check: dev-deps  ## fail when server/gen is not what protos/ generates
 	diff -r -x __pycache__ $$tmp/gen server/gen && echo "generated code is fresh" || \
 	{ echo "server/gen is stale: run 'make proto'"; exit 1; }
 
-bench: setup  ## throughput/latency of a real server against the raw HSM signing rate
+bench: setup  ## DoKeyBinding matrix (SQLite/PostgreSQL x 1/2 workers x 1/64 in flight) vs the raw HSM rate
 	$(BIN)/python scripts/bench.py
 
 demo: deps  ## run the example client against a running `make run`
