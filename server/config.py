@@ -15,6 +15,7 @@ from pydantic_settings import (
 )
 
 from hsm import KeyKind, Pkcs11Uri
+from server.notifiers import read_secret
 from server.notifiers.webhook import check_webhook_url
 from server.service import DEFAULT_INDIVIDUAL_ID_PATTERN, Policy
 from server.stores import check_url, sqlite_path
@@ -27,7 +28,8 @@ DEFAULT_ISSUER_LABEL = "keybinder-issuer"
 class Settings(BaseSettings):
     """Every setting, with its default. Environment variables are KEYBINDER_<NAME>."""
 
-    model_config = SettingsConfigDict(env_prefix="KEYBINDER_", extra="forbid", frozen=True)
+    # hide_input_in_errors: a misplaced secret (or a database URL with a password) must not be echoed.
+    model_config = SettingsConfigDict(env_prefix="KEYBINDER_", extra="forbid", frozen=True, hide_input_in_errors=True)
 
     data_dir: Path = Field(Path(".keybinder"), description="State directory (token, database, outbox).")
     listen: str = Field("127.0.0.1:50051", description="host:port the gRPC server binds.")
@@ -104,6 +106,12 @@ class Settings(BaseSettings):
             if not self.webhook_url or not self.webhook_secret_source:
                 raise ValueError("the webhook notifier needs webhook_url and webhook_secret_source")
             check_webhook_url(self.webhook_url)
+        # Fail at load, in the parent process, rather than in every spawned worker (which would
+        # die and be restarted forever); the values are read again, and kept, by the wiring.
+        if self.email_notifier == "smtp" and self.smtp_username:
+            read_secret(self.smtp_password_source, "SMTP password")
+        if "webhook" in (self.email_notifier, self.phone_notifier):
+            read_secret(self.webhook_secret_source, "webhook HMAC secret")
         return self
 
     @field_validator("data_dir")
