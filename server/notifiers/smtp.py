@@ -7,7 +7,7 @@ import smtplib
 import ssl
 from dataclasses import dataclass, field
 from email.message import EmailMessage
-from email.utils import formatdate, make_msgid
+from email.utils import formatdate, make_msgid, parseaddr
 from pathlib import Path
 
 from server.domain import OtpChannel, OtpMessage
@@ -61,7 +61,7 @@ class SmtpNotifier:
         mail["To"] = message.to
         mail["Subject"] = SMTP_SUBJECT
         mail["Date"] = formatdate(message.sent_at.timestamp(), usegmt=True)
-        mail["Message-ID"] = make_msgid(domain=self.config.from_address.rpartition("@")[2] or None)
+        mail["Message-ID"] = make_msgid(domain=parseaddr(self.config.from_address)[1].rpartition("@")[2] or None)
         mail["Auto-Submitted"] = "auto-generated"
         mail.set_content(otp_text(message, self.config.otp_ttl_seconds) + "\n")
         return mail
