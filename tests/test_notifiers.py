@@ -353,6 +353,14 @@ def test_smtp_notifier_does_not_send_sms(smtp_server: SmtpServer, tls: TlsFiles)
     assert smtp_server.delivered == []
 
 
+@pytest.mark.parametrize("to", ["alice@example.org\r\nBcc: mallory@example.org", "alice@example.org\nX: y"])
+def test_smtp_refuses_header_injection_through_the_address(smtp_server: SmtpServer, tls: TlsFiles, to: str) -> None:
+    message = OtpMessage(OtpChannel.EMAIL, to, "tx-1", "K7Q2ZP", datetime.now(UTC))
+    with pytest.raises(DeliveryFailed, match="header"):
+        SmtpNotifier(smtp_config(smtp_server, tls)).send(message)
+    assert smtp_server.delivered == []
+
+
 def test_smtp_config_refuses_auth_in_clear_text() -> None:
     with pytest.raises(ValueError, match="STARTTLS"):
         SmtpConfig(host="h", port=25, from_address="a@b", username="u", password="p", starttls=False)

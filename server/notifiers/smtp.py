@@ -69,7 +69,10 @@ class SmtpNotifier:
     def send(self, message: OtpMessage) -> None:
         if message.channel is not OtpChannel.EMAIL:
             raise DeliveryFailed(f"the SMTP notifier cannot deliver on the {message.channel.value} channel")
-        mail = self.build(message)
+        try:
+            mail = self.build(message)
+        except ValueError as err:  # e.g. a line break in the address: header injection, refused
+            raise DeliveryFailed("the e-mail address cannot be used in a message header") from err
         cfg = self.config
         try:
             with smtplib.SMTP(cfg.host, cfg.port, timeout=cfg.timeout_seconds) as smtp:
@@ -85,6 +88,6 @@ class SmtpNotifier:
             raise DeliveryFailed(f"SMTP server refused the message: {type(err).__name__} {err.smtp_code}") from err
         except smtplib.SMTPRecipientsRefused as err:
             raise DeliveryFailed("SMTP server refused the recipient") from err
-        except (smtplib.SMTPException, OSError) as err:  # OSError covers TLS errors, timeouts, refused connections
+        except (smtplib.SMTPException, OSError, UnicodeError) as err:  # OSError: TLS, timeouts, refused connections
             raise DeliveryFailed(f"SMTP delivery to {cfg.host}:{cfg.port} failed: {type(err).__name__}") from err
         log.info("OTP for transaction %s sent by e-mail through %s", message.transaction_id, cfg.host)
