@@ -10,7 +10,7 @@ SOFTHSM_MODULE ?= /usr/lib/softhsm/libsofthsm2.so
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 KB       := $(BIN)/keybinder
 
-.PHONY: help run test setup deps dev-deps softhsm bench lint typecheck proto proto-check demo clean
+.PHONY: help run test setup deps dev-deps softhsm node node-deps buf-lint buf-breaking bench lint typecheck proto proto-check demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -18,7 +18,7 @@ help:  ## list the targets
 run: setup  ## set everything up and serve on 127.0.0.1:50051
 	exec $(KB) serve --data-dir $(DATA_DIR)
 
-test: setup dev-deps lint typecheck proto-check  ## set up, check style/types/generated code, run every test
+test: setup dev-deps node-deps lint typecheck proto-check buf-lint buf-breaking  ## set up, check style/types/generated code and the proto, run every test
 	$(BIN)/pytest
 
 setup: deps softhsm  ## venv, SoftHSM2, token, issuer, database and demo identity (idempotent)
@@ -60,6 +60,7 @@ lint: dev-deps  ## ruff check and format check
 
 typecheck: dev-deps  ## mypy --strict
 	$(BIN)/mypy
+	$(BIN)/mypy examples/python_client.py
 
 proto: dev-deps  ## regenerate server/gen from protos/
 	$(BIN)/python scripts/genproto.py
@@ -69,6 +70,34 @@ proto-check: dev-deps  ## fail when server/gen is not what protos/ generates
 	$(BIN)/python scripts/genproto.py --out $$tmp/gen && \
 	diff -r -x __pycache__ $$tmp/gen server/gen && echo "generated code is fresh" || \
 	{ echo "server/gen is stale: run 'make proto'"; exit 1; }
+
+# Node.js runs the example client's interop test and the pinned buf CLI; npm ci installs exactly
+# the committed lock files (no install scripts: neither package needs one).
+NPM_CI := npm ci --ignore-scripts --no-audit --no-fund --silent
+BUF    := tools/buf/node_modules/.bin/buf
+
+node:  ## install Node.js and npm from apt when they are missing
+	@if ! command -v node >/dev/null || ! command -v npm >/dev/null; then \
+		echo "installing Node.js and npm (apt-get)"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nodejs npm >/dev/null; \
+	fi
+
+node-deps: examples/node/node_modules/.installed tools/buf/node_modules/.installed  ## npm packages of the Node client and buf
+
+%/node_modules/.installed: %/package-lock.json %/package.json | node
+	cd $* && $(NPM_CI)
+	touch $@
+
+buf-lint: tools/buf/node_modules/.installed  ## buf lint of protos/ (STANDARD rules, buf.yaml)
+	$(BUF) lint
+
+# Against the previous commit: the last change must not break the wire contract. Needs git
+# history (any clone or worktree has it; a --depth 1 clone does not).
+buf-breaking: tools/buf/node_modules/.installed  ## buf breaking of protos/ against the previous commit
+	@git rev-parse -q --verify 'HEAD~1^{commit}' >/dev/null || \
+		{ echo "buf-breaking needs the previous commit: fetch the history (git fetch --unshallow)"; exit 1; }
+	$(BUF) breaking --against '.git#ref=HEAD~1,subdir=protos'
 
 bench: setup  ## DoKeyBinding matrix (SQLite/PostgreSQL x 1/2 workers x 1/64 in flight) vs the raw HSM rate
 	$(BIN)/python scripts/bench.py

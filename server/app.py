@@ -17,9 +17,13 @@ from hsm import KeyKind, Pkcs11KeyManager
 from hsm.provision import init_token, token_exists
 from server.certs import build_issuer_certificate, to_pem
 from server.config import Settings
-from server.domain import Identity, IssuerRecord
+from server.domain import Identity, IssuerRecord, OtpChannel
 from server.hsm_backend import HsmHasher, HsmIssuerKeys
+from server.notifiers import ChannelRouter, read_secret
 from server.notifiers.outbox import OutboxNotifier
+from server.notifiers.smtp import SmtpConfig, SmtpNotifier
+from server.notifiers.webhook import WebhookConfig, WebhookNotifier
+from server.ports import Notifier
 from server.service import KeyBinderService
 from server.stores import Store, migrate, open_store
 
@@ -57,8 +61,54 @@ class App:
         self.keys.close()
 
 
+def build_notifier(settings: Settings) -> Notifier:
+    """The OTP notifier per channel; reads the SMTP password and webhook secret from their sources."""
+    backends: dict[str, Notifier] = {}
+
+    def backend(name: str) -> Notifier:
+        if name in backends:
+            return backends[name]
+        notifier: Notifier
+        if name == "smtp":
+            notifier = SmtpNotifier(
+                SmtpConfig(
+                    host=settings.smtp_host,
+                    port=settings.smtp_port,
+                    from_address=settings.smtp_from,
+                    starttls=settings.smtp_starttls,
+                    username=settings.smtp_username,
+                    password=read_secret(settings.smtp_password_source, "SMTP password")
+                    if settings.smtp_username
+                    else "",
+                    timeout_seconds=settings.smtp_timeout_seconds,
+                    ca_file=settings.smtp_ca_file,
+                    otp_ttl_seconds=settings.otp_ttl_seconds,
+                )
+            )
+        elif name == "webhook":
+            notifier = WebhookNotifier(
+                WebhookConfig(
+                    url=settings.webhook_url,
+                    secret=read_secret(settings.webhook_secret_source, "webhook HMAC secret").encode(),
+                    timeout_seconds=settings.webhook_timeout_seconds,
+                    retries=settings.webhook_retries,
+                    ca_file=settings.webhook_ca_file,
+                    otp_ttl_seconds=settings.otp_ttl_seconds,
+                )
+            )
+        else:
+            notifier = OutboxNotifier(settings.outbox)
+        backends[name] = notifier
+        return notifier
+
+    return ChannelRouter(
+        {OtpChannel.EMAIL: backend(settings.email_notifier), OtpChannel.PHONE: backend(settings.phone_notifier)}
+    )
+
+
 def build_app(settings: Settings) -> App:
     """Connect to the token (this process logs in itself) and the database."""
+    notifier = build_notifier(settings)  # first: a missing secret must not leave a session open
     settings.apply_environment()
     keys = Pkcs11KeyManager(settings.pkcs11_uri)
     keys.session.open()
@@ -72,7 +122,7 @@ def build_app(settings: Settings) -> App:
         otps=store,
         bindings=store,
         issuers=store,
-        notifier=OutboxNotifier(settings.outbox),
+        notifier=notifier,
         replay=store,
         nonces=store,
     )

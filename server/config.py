@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -15,6 +15,8 @@ from pydantic_settings import (
 )
 
 from hsm import KeyKind, Pkcs11Uri
+from server.notifiers import read_secret
+from server.notifiers.webhook import check_webhook_url
 from server.service import DEFAULT_INDIVIDUAL_ID_PATTERN, Policy
 from server.stores import check_url, is_postgres, sqlite_path
 
@@ -26,7 +28,8 @@ DEFAULT_ISSUER_LABEL = "keybinder-issuer"
 class Settings(BaseSettings):
     """Every setting, with its default. Environment variables are KEYBINDER_<NAME>."""
 
-    model_config = SettingsConfigDict(env_prefix="KEYBINDER_", extra="forbid", frozen=True)
+    # hide_input_in_errors: a misplaced secret (or a database URL with a password) must not be echoed.
+    model_config = SettingsConfigDict(env_prefix="KEYBINDER_", extra="forbid", frozen=True, hide_input_in_errors=True)
 
     data_dir: Path = Field(Path(".keybinder"), description="State directory (token, database, outbox).")
     listen: str = Field("127.0.0.1:50051", description="host:port the gRPC server binds.")
@@ -69,6 +72,53 @@ class Settings(BaseSettings):
     workers: int = Field(0, ge=0, le=256, description="Serving processes on one port; 0 means one per CPU.")
     health_probe_seconds: float = Field(5.0, gt=0, le=300, description="Interval of the HSM + database probe.")
     log_level: str = Field("INFO", description="Python logging level.")
+
+    # -- OTP delivery: the backend per channel and their settings. Secrets come from a source
+    # (file:/path or env:NAME), read when the server starts, never from inline config or argv.
+    email_notifier: Literal["outbox", "smtp", "webhook"] = Field("outbox", description="Backend for email OTPs.")
+    phone_notifier: Literal["outbox", "webhook"] = Field("outbox", description="Backend for phone (SMS) OTPs.")
+    smtp_host: str = Field("", description="SMTP submission server host.")
+    smtp_port: int = Field(587, ge=1, le=65535, description="SMTP port (587: submission with STARTTLS).")
+    smtp_starttls: bool = Field(True, description="Require STARTTLS (certificate and host name verified).")
+    smtp_username: str = Field("", description="SMTP AUTH user; empty for no AUTH.")
+    smtp_password_source: str = Field("", description="file:/path or env:NAME holding the SMTP password.")
+    smtp_from: str = Field("", description="From address of OTP e-mails.")
+    smtp_timeout_seconds: float = Field(10.0, gt=0, le=120, description="SMTP connect and reply timeout.")
+    smtp_ca_file: Path | None = Field(None, description="CA bundle for the SMTP server; default the system's.")
+    webhook_url: str = Field("", description="https URL the OTP webhook POSTs to (http only to loopback).")
+    webhook_secret_source: str = Field("", description="file:/path or env:NAME holding the HMAC secret.")
+    webhook_timeout_seconds: float = Field(5.0, gt=0, le=60, description="Timeout of each connect and read.")
+    webhook_retries: int = Field(2, ge=0, le=10, description="Retries after a 5xx, 408, 429 or connection error.")
+    webhook_ca_file: Path | None = Field(None, description="CA bundle for the webhook; default the system's.")
+
+    @field_validator("smtp_password_source", "webhook_secret_source")
+    @classmethod
+    def _secret_source(cls, value: str) -> str:
+        # Not echoed: a value without the prefix may be the secret itself, pasted by mistake.
+        if value and not value.startswith(("file:", "env:")):
+            raise ValueError("a secret source is file:/path or env:NAME, never the secret itself")
+        return value
+
+    @model_validator(mode="after")
+    def _notifiers_complete(self) -> Settings:
+        if self.email_notifier == "smtp":
+            if not self.smtp_host or not self.smtp_from:
+                raise ValueError("email_notifier = smtp needs smtp_host and smtp_from")
+            if self.smtp_username and not self.smtp_password_source:
+                raise ValueError("smtp_username needs smtp_password_source")
+            if self.smtp_username and not self.smtp_starttls:
+                raise ValueError("SMTP authentication needs smtp_starttls (no password in clear text)")
+        if "webhook" in (self.email_notifier, self.phone_notifier):
+            if not self.webhook_url or not self.webhook_secret_source:
+                raise ValueError("the webhook notifier needs webhook_url and webhook_secret_source")
+            check_webhook_url(self.webhook_url)
+        # Fail at load, in the parent process, rather than in every spawned worker (which would
+        # die and be restarted forever); the values are read again, and kept, by the wiring.
+        if self.email_notifier == "smtp" and self.smtp_username:
+            read_secret(self.smtp_password_source, "SMTP password")
+        if "webhook" in (self.email_notifier, self.phone_notifier):
+            read_secret(self.webhook_secret_source, "webhook HMAC secret")
+        return self
 
     @field_validator("data_dir")
     @classmethod
