@@ -243,8 +243,11 @@ class KeyBinderService:
         try:
             for channel, address in targets:
                 self.notifier.send(OtpMessage(channel, address, transaction_id, otp, now))
-        except DeliveryFailed as err:
-            # An OTP nobody received must not stay usable.
+        except Exception as err:
+            # An OTP nobody received must not stay usable, whatever went wrong in the notifier.
+            if not isinstance(err, DeliveryFailed):
+                # Only the type: a notifier's own message might quote what it was sending.
+                log.error("notifier failed unexpectedly: %s", type(err).__name__)
             self.otps.discard_otp(transaction_id, id_hmac)
             raise SendOtpFailedError("the OTP could not be delivered") from err
         return SendOtpResult(

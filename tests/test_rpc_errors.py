@@ -312,6 +312,27 @@ def test_send_otp_without_phone_contact_fails(kb: RunningServer, channels: list[
     assert kb.app.store.count_rows("otps") == otps_before  # nothing half-sent
 
 
+class BrokenNotifier:
+    """A notifier with a bug: it raises something other than DeliveryFailed."""
+
+    def send(self, message: object) -> None:
+        raise RuntimeError("notifier bug")
+
+
+def test_unexpected_notifier_error_is_send_otp_failed_and_leaves_no_usable_otp(
+    kb: RunningServer, person: Person, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kb.app.service, "notifier", BrokenNotifier())
+    otps_before = kb.app.store.count_rows("otps")
+    f = failure(
+        lambda: kb.stub.SendBindingOtp(
+            pb.SendBindingOtpRequest(individual_id=person.individual_id, otp_channels=["email"]), metadata=md()
+        )
+    )
+    assert_refused(f, grpc.StatusCode.FAILED_PRECONDITION, "send_otp_failed", person.individual_id)
+    assert kb.app.store.count_rows("otps") == otps_before  # the undelivered OTP was discarded
+
+
 def test_send_otp_returns_masked_contacts(kb: RunningServer, person: Person) -> None:
     resp = kb.stub.SendBindingOtp(
         pb.SendBindingOtpRequest(individual_id=person.individual_id, otp_channels=["email", "phone"]), metadata=md()
