@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Callable
@@ -82,6 +83,8 @@ class Pkcs11Session:
         self._epoch = -1
         #: The last open failed on a module view that predates this call: worth one re-look.
         self._stale_view = False
+        #: SHA-256 of the last PIN the token rejected (never the PIN itself).
+        self._rejected_pin: bytes | None = None
 
     @classmethod
     def shared(cls, uri: Pkcs11Uri) -> Pkcs11Session:
@@ -146,6 +149,14 @@ class Pkcs11Session:
         # session in this process): the old handle is gone, and may even have been reissued.
         self._session = None
         pin = self.uri.read_pin()
+        pin_digest = hashlib.sha256(pin.encode()).digest()
+        if pin_digest == self._rejected_pin:
+            # Every failed C_Login counts towards locking the user (a Luna partition locks
+            # after a few): a rejected PIN is not tried again until its source changes.
+            raise PinIncorrectError(
+                f"opening token {self.uri.token!r}: the token rejected this PIN before; "
+                "not trying it again until the PIN source changes"
+            )
         if self._lib is None:
             apply_module_env(self.uri)
             try:
@@ -167,6 +178,7 @@ class Pkcs11Session:
         except p11err.PKCS11Error as err:
             translated = translate(err, f"opening token {self.uri.token!r}")
             if isinstance(translated, PinIncorrectError):
+                self._rejected_pin = pin_digest
                 raise translated from err
             # The module's view of its slots may be stale (e.g. a token that came back):
             # re-initialise before the next attempt.

@@ -724,12 +724,28 @@ def test_wrong_pin_raises_pin_incorrect(second_token: SecondToken, main_pin: str
             assert_no_secret(info.value, wrong, second_token.pin, main_pin)
     finally:
         m.close()
+    # The second refusal came from us, not the token: a rejected PIN is not tried again.
+    assert "not trying it again" in str(info.value)
     # The right PIN still works afterwards (the token was not locked).
     good = Pkcs11KeyManager(second_token.uri)
     try:
         assert good.exists(second_token.key_label)
     finally:
         good.close()
+
+
+def test_corrected_pin_source_is_tried_again(second_token: SecondToken) -> None:
+    """After a rejected PIN the operator fixes the PIN file; the running process picks it up."""
+    uri = second_token.uri_with_pin(secrets.token_hex(8))
+    pin_file = Path(str(uri.pin_source).removeprefix("file:"))
+    m = Pkcs11KeyManager(uri)
+    try:
+        with pytest.raises(PinIncorrectError):
+            m.exists(second_token.key_label)
+        pin_file.write_text(second_token.pin + "\n")
+        assert m.exists(second_token.key_label)
+    finally:
+        m.close()
 
 
 def test_nonexistent_token(hsm_backend: HsmBackend, main_pin: str) -> None:
