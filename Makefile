@@ -10,7 +10,7 @@ SOFTHSM_MODULE ?= /usr/lib/softhsm/libsofthsm2.so
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 KB       := $(BIN)/keybinder
 
-.PHONY: help run test setup deps dev-deps softhsm node node-deps buf-lint buf-breaking bench lint typecheck proto proto-check demo clean
+.PHONY: help run test setup deps dev-deps softhsm hsm-deps node node-deps buf-lint buf-breaking bench lint typecheck proto proto-check demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -18,7 +18,7 @@ help:  ## list the targets
 run: setup  ## set everything up and serve on 127.0.0.1:50051
 	exec $(KB) serve --data-dir $(DATA_DIR)
 
-test: setup dev-deps node-deps lint typecheck proto-check buf-lint buf-breaking  ## set up, check style/types/generated code and the proto, run every test
+test: setup dev-deps hsm-deps node-deps lint typecheck proto-check buf-lint buf-breaking  ## set up, check style/types/generated code and the proto, run every test
 	$(BIN)/pytest
 
 setup: deps softhsm  ## venv, SoftHSM2, token, issuer, database and demo identity (idempotent)
@@ -53,6 +53,21 @@ softhsm:  ## install SoftHSM2 from apt when it is missing
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq softhsm2 >/dev/null; \
 	fi
 	@test -e $(SOFTHSM_MODULE) || { echo "SoftHSM2 module $(SOFTHSM_MODULE) missing"; exit 1; }
+
+# The HSM tests also run against SoftHSM behind p11-kit remoting (p11-kit server + the
+# p11-kit-client.so module) and against openCryptoki's software token (tests/hsm_backends.py).
+hsm-deps: softhsm  ## install p11-kit and openCryptoki from apt when missing (for the HSM tests)
+	@missing=""; \
+	command -v p11-kit >/dev/null || missing="$$missing p11-kit"; \
+	ls /usr/lib/*/pkcs11/p11-kit-client.so >/dev/null 2>&1 || missing="$$missing p11-kit-modules"; \
+	ls /usr/lib/*/pkcs11/libopencryptoki.so >/dev/null 2>&1 || missing="$$missing opencryptoki"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing (apt-get)"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@command -v p11-kit >/dev/null && ls /usr/lib/*/pkcs11/p11-kit-client.so /usr/lib/*/pkcs11/libopencryptoki.so \
+		>/dev/null 2>&1 || { echo "p11-kit or openCryptoki still missing"; exit 1; }
 
 lint: dev-deps  ## ruff check and format check
 	$(BIN)/ruff check .

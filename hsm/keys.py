@@ -119,6 +119,18 @@ class Pkcs11KeyManager:
 
         return self.session.run(f"looking up key {label!r}", op)
 
+    def mechanisms(self) -> frozenset[str]:
+        """Names of the mechanisms the token's slot offers (``"ECDSA"``, ``"RSA_PKCS"``, ...).
+
+        Values python-pkcs11 has no name for (vendor mechanisms) appear as ``"0x..."``.
+        """
+
+        def op(session: pkcs11.Session) -> frozenset[str]:
+            found = session.token.slot.get_mechanisms()
+            return frozenset(m.name if isinstance(m, Mechanism) else f"0x{int(m):x}" for m in found)
+
+        return self.session.run("listing the token's mechanisms", op)
+
     # -- public keys ----------------------------------------------------------------------
 
     def get_public_key(self, label: str) -> PublicKey:

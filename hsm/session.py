@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from hsm.errors import (
     PinIncorrectError,
     TokenNotFoundError,
 )
-from hsm.uri import Pkcs11Uri
+from hsm.uri import Pkcs11Uri, apply_module_env
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,10 @@ class Pkcs11Session:
         self._closed = False
         self._users = 0
         self._epoch = -1
+        #: The last open failed on a module view that predates this call: worth one re-look.
+        self._stale_view = False
+        #: SHA-256 of the last PIN the token rejected (never the PIN itself).
+        self._rejected_pin: bytes | None = None
 
     @classmethod
     def shared(cls, uri: Pkcs11Uri) -> Pkcs11Session:
@@ -112,7 +117,21 @@ class Pkcs11Session:
     def _ensure_open(self) -> pkcs11.Session:
         if self._closed:
             raise HsmError("the HSM session has been closed")
+        try:
+            return self._open_once()
+        except TokenNotFoundError:
+            if not self._stale_view:
+                raise
+        # The module was initialised before the token appeared: a remoting client (p11-kit)
+        # or a network HSM's module lists the slots it saw at C_Initialize. One fresh look.
+        return self._open_once()
+
+    def _open_once(self) -> pkcs11.Session:
         path = self.uri.module_path
+        self._stale_view = False
+        # True once this call has re-initialised the module: its slot list is then current.
+        # (A first load is not: python-pkcs11 keeps one handle per path, maybe initialised long ago.)
+        fresh_view = False
         if self._lib is not None and _module_needs_reinit.get(path):
             # C_Finalize + C_Initialize is the only way back after the device or the token
             # directory went away; it fails for as long as they are still gone.
@@ -122,6 +141,7 @@ class Pkcs11Session:
                 raise HsmUnavailableError(f"re-initialising PKCS#11 module {path}: {type(err).__name__}") from err
             _module_needs_reinit[path] = False
             _module_epochs[path] = _module_epochs.get(path, 0) + 1
+            fresh_view = True
         epoch = _module_epochs.get(path, 0)
         if self._session is not None and self._epoch == epoch:
             return self._session
@@ -129,21 +149,41 @@ class Pkcs11Session:
         # session in this process): the old handle is gone, and may even have been reissued.
         self._session = None
         pin = self.uri.read_pin()
+        pin_digest = hashlib.sha256(pin.encode()).digest()
+        if pin_digest == self._rejected_pin:
+            # Every failed C_Login counts towards locking the user (a Luna partition locks
+            # after a few): a rejected PIN is not tried again until its source changes.
+            raise PinIncorrectError(
+                f"opening token {self.uri.token!r}: the token rejected this PIN before; "
+                "not trying it again until the PIN source changes"
+            )
         if self._lib is None:
+            apply_module_env(self.uri)
             try:
                 self._lib = pkcs11.lib(path)
             except (p11err.PKCS11Error, OSError) as err:
                 raise HsmUnavailableError(f"cannot load PKCS#11 module {path}") from err
         try:
             token = self._lib.get_token(token_label=self.uri.token)
-            self._session = token.open(rw=True, user_pin=pin)
+            try:
+                self._session = token.open(rw=True, user_pin=pin)
+            except p11err.UserAlreadyLoggedIn:
+                # Login state belongs to the application, not the session: something in this
+                # process (or a remoting server that kept its module instance across our
+                # reconnect) is still logged in, and a new session shares that login. The
+                # session the refused C_Login ran in stays open inside the module until
+                # C_Finalize; one handle, not worth an unwrapped C_CloseSession.
+                log.info("token %r: already logged in; sharing the existing login", self.uri.token)
+                self._session = token.open(rw=True)
         except p11err.PKCS11Error as err:
             translated = translate(err, f"opening token {self.uri.token!r}")
             if isinstance(translated, PinIncorrectError):
+                self._rejected_pin = pin_digest
                 raise translated from err
             # The module's view of its slots may be stale (e.g. a token that came back):
             # re-initialise before the next attempt.
             _module_needs_reinit[path] = True
+            self._stale_view = not fresh_view
             if isinstance(translated, HsmUnavailableError | TokenNotFoundError):
                 raise translated from err
             raise HsmUnavailableError(f"opening token {self.uri.token!r}: {type(err).__name__}") from err

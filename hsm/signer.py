@@ -90,11 +90,21 @@ class HsmEcPrivateKey(_TokenKey, ec.EllipticCurvePrivateKey):
         _not_extractable()
 
 
-_RSA_PKCS1 = {"sha256": "SHA256_RSA_PKCS", "sha384": "SHA384_RSA_PKCS", "sha512": "SHA512_RSA_PKCS"}
+#: DER DigestInfo prefixes (RFC 8017 section 9.2, note 1): CKM_RSA_PKCS signs DigestInfo || hash.
+_DIGEST_INFO_PREFIX = {
+    "sha256": bytes.fromhex("3031300d060960864801650304020105000420"),
+    "sha384": bytes.fromhex("3041300d060960864801650304020205000430"),
+    "sha512": bytes.fromhex("3051300d060960864801650304020305000440"),
+}
 
 
 class HsmRsaPrivateKey(_TokenKey, rsa.RSAPrivateKey):
-    """RSA PKCS#1 v1.5 signatures in the HSM with the hash done by the token."""
+    """RSA PKCS#1 v1.5 signatures in the HSM. The message is hashed here and signed with CKM_RSA_PKCS.
+
+    Hash-and-sign mechanisms are not portable: openCryptoki 3.8's software token has
+    CKM_RSA_PKCS but no CKM_SHA256_RSA_PKCS. Every module offers CKM_RSA_PKCS, so the DigestInfo
+    is built here, as the ECDSA path builds its digest.
+    """
 
     def __init__(self, public: rsa.RSAPublicKey, raw_sign: RawSign) -> None:
         self._public = public
@@ -115,12 +125,19 @@ class HsmRsaPrivateKey(_TokenKey, rsa.RSAPrivateKey):
     ) -> bytes:
         from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
 
-        if not isinstance(padding, PKCS1v15) or not isinstance(algorithm, hashes.HashAlgorithm):
-            raise MechanismNotSupportedError("only PKCS#1 v1.5 over an unhashed message is supported")
-        mechanism = _RSA_PKCS1.get(algorithm.name)
-        if mechanism is None:
-            raise MechanismNotSupportedError(f"hash {algorithm.name} is not supported for RSA")
-        return self._raw_sign(mechanism, bytes(data))
+        if not isinstance(padding, PKCS1v15) or isinstance(algorithm, NoDigestInfo):
+            raise MechanismNotSupportedError("only PKCS#1 v1.5 with a DigestInfo is supported")
+        hash_algorithm = algorithm._algorithm if isinstance(algorithm, Prehashed) else algorithm
+        prefix = _DIGEST_INFO_PREFIX.get(hash_algorithm.name)
+        if prefix is None:
+            raise MechanismNotSupportedError(f"hash {hash_algorithm.name} is not supported for RSA")
+        if isinstance(algorithm, Prehashed):
+            digest = bytes(data)
+            if len(digest) != hash_algorithm.digest_size:
+                raise ValueError(f"a prehashed {hash_algorithm.name} digest is {hash_algorithm.digest_size} bytes")
+        else:
+            digest = _digest(bytes(data), hash_algorithm)
+        return self._raw_sign("RSA_PKCS", prefix + digest)
 
     def decrypt(self, ciphertext: bytes, padding: padding.AsymmetricPadding) -> bytes:
         raise MechanismNotSupportedError("decryption is not offered by the HSM signer")

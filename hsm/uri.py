@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import os
+import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote, unquote_to_bytes
 
 from hsm.errors import HsmConfigError
 
+#: Vendor query attribute (RFC 7512 section 2.3: vendor attributes start with "x-") carrying one
+#: environment variable the module reads when it loads, as ``NAME=value``; may repeat. Modules
+#: are configured through their environment (p11-kit's client: P11_KIT_SERVER_ADDRESS; SoftHSM:
+#: SOFTHSM2_CONF; YubiHSM: YUBIHSM_PKCS11_CONF), so this keeps the URI the whole configuration.
+MODULE_ENV_ATTR = "x-module-env"
+
 # Attributes we understand; RFC 7512 says unknown path attributes must make the URI unusable
 # for selecting an object, so we refuse them rather than silently widening the match.
 _PATH_ATTRS = frozenset({"token", "object", "id", "type", "manufacturer", "serial", "model"})
-_QUERY_ATTRS = frozenset({"module-path", "module-name", "pin-source", "pin-value"})
+_QUERY_ATTRS = frozenset({"module-path", "module-name", "pin-source", "pin-value", MODULE_ENV_ATTR})
+#: Attributes that may be given more than once.
+_REPEATABLE = frozenset({MODULE_ENV_ATTR})
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +35,8 @@ class Pkcs11Uri:
     object: str | None = None
     id: bytes | None = None
     pin_source: str | None = None
+    #: Environment the module needs, set in this process before the module is loaded.
+    module_env: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> Pkcs11Uri:
@@ -40,12 +53,15 @@ class Pkcs11Uri:
                 raise HsmConfigError(f"PKCS#11 URI attribute {name!r} given twice")
             attrs[name] = value if name == "id" else unquote(value)
         params: dict[str, str] = {}
+        module_env: list[tuple[str, str]] = []
         for part in filter(None, query.split("&")):
             name, sep, value = part.partition("=")
             if not sep or name not in _QUERY_ATTRS:
                 raise HsmConfigError(f"unsupported PKCS#11 URI query attribute {name!r}")
-            if name in params:
+            if name in params and name not in _REPEATABLE:
                 raise HsmConfigError(f"PKCS#11 URI attribute {name!r} given twice")
+            if name == MODULE_ENV_ATTR:
+                module_env.append(_parse_module_env(unquote(value), [n for n, _ in module_env]))
             params[name] = unquote(value)
         if "pin-value" in params:
             # A PIN inside the URI ends up in config files, process listings and logs.
@@ -62,10 +78,11 @@ class Pkcs11Uri:
             object=attrs.get("object"),
             id=key_id,
             pin_source=params.get("pin-source"),
+            module_env=tuple(module_env),
         )
 
     def with_object(self, label: str) -> Pkcs11Uri:
-        return Pkcs11Uri(self.token, self.module_path, label, self.id, self.pin_source)
+        return Pkcs11Uri(self.token, self.module_path, label, self.id, self.pin_source, self.module_env)
 
     def __str__(self) -> str:
         path = f"token={quote(self.token, safe='')}"
@@ -76,6 +93,8 @@ class Pkcs11Uri:
         query = f"module-path={quote(self.module_path, safe='/')}"
         if self.pin_source is not None:
             query += f"&pin-source={quote(self.pin_source, safe='/:')}"
+        for name, value in self.module_env:
+            query += f"&{MODULE_ENV_ATTR}={name}={quote(value, safe='/:=')}"
         return f"pkcs11:{path}?{query}"
 
     def read_pin(self) -> str:
@@ -97,3 +116,37 @@ class Pkcs11Uri:
         if not value:
             raise HsmConfigError(f"the PIN file {path} is empty")
         return value
+
+
+def _parse_module_env(text: str, seen: list[str]) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not _ENV_NAME.fullmatch(name):
+        raise HsmConfigError(f"{MODULE_ENV_ATTR} must be NAME=value with NAME a variable name")
+    if name.upper().startswith("LD_"):
+        # Not the module's configuration, but an instruction to the dynamic loader of every child.
+        raise HsmConfigError(f"{MODULE_ENV_ATTR} cannot set the loader variable {name}")
+    if name in seen:
+        raise HsmConfigError(f"{MODULE_ENV_ATTR} sets {name} twice")
+    return name, value
+
+
+_env_lock = threading.Lock()
+#: What apply_module_env set in this process: a module reads its environment once, when it loads.
+_applied_env: dict[str, str] = {}
+
+
+def apply_module_env(uri: Pkcs11Uri) -> None:
+    """Export the URI's module environment into this process, before the module is loaded.
+
+    The URI wins over an inherited value. Two URIs that need different values for one variable
+    cannot share a process (the module has read the first), which is a configuration error.
+    """
+    with _env_lock:
+        for name, value in uri.module_env:
+            if _applied_env.get(name, value) != value:
+                raise HsmConfigError(
+                    f"{MODULE_ENV_ATTR}: {name} is already set to another value by an HSM URI in this process"
+                )
+        for name, value in uri.module_env:
+            os.environ[name] = value
+            _applied_env[name] = value

@@ -163,14 +163,15 @@ def initialise(settings: Settings) -> InitReport:
                 _write_secret(pin_file)
     settings.apply_environment()
 
-    # Token initialisation goes through raw PKCS#11 before python-pkcs11 loads the module.
-    if token_exists(uri.module_path, uri.token):
+    # Token initialisation goes through raw PKCS#11 before python-pkcs11 loads the module; the
+    # URI (not its bare module path) is passed so that the module's environment is applied first.
+    if token_exists(uri, uri.token):
         reused.append(f"token {uri.token!r}")
     else:
         if not managed_token:
             raise RuntimeError(f"token {uri.token!r} not found; create it on the HSM first")
         init_token(
-            uri.module_path,
+            uri,
             uri.token,
             so_pin=settings.so_pin_file.read_text().strip(),
             user_pin=uri.read_pin(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,12 +20,27 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
+from hsm import KeyKind, Pkcs11KeyManager, Pkcs11Uri, TokenNotFoundError
+from hsm.provision import init_token
 from server.app import App, initialise, register_identity
 from server.config import DEFAULT_MODULE, Settings, load_settings
 from server.demo import WalletPrivateKey, read_otp
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
 from server.serve import Server
+from tests.hsm_backends import (
+    OPENCRYPTOKI,
+    OPENCRYPTOKI_DEFAULT_SO_PIN,
+    OPENCRYPTOKI_MODULE,
+    OPENCRYPTOKI_TOKEN,
+    P11KIT,
+    P11KIT_CLIENT,
+    SOFTHSM,
+    UNSUPPORTED_REPORT,
+    HsmBackend,
+    P11KitServer,
+    start_opencryptoki_daemon,
+)
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 #: Partners whose proof-of-possession policy differs from the default (optional).
@@ -266,3 +282,91 @@ def failure(call: Callable[[], object]) -> RpcFailure:
             infos.append(ei)
     assert len(infos) == 1, "exactly one ErrorInfo expected"
     return RpcFailure(err.code(), infos[0].reason, infos[0].domain, err.details(), dict(infos[0].metadata))
+
+
+# -- PKCS#11 backends (tests/hsm_backends.py) ------------------------------------------------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "kinds(*kinds): the issuer key kinds a test runs with, on every backend that supports them"
+    )
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    if UNSUPPORTED_REPORT:
+        terminalreporter.section("HSM backends: unsupported mechanisms (verified missing, not skipped)")
+        for line in sorted(set(UNSUPPORTED_REPORT)):
+            terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def p11kit_server(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[P11KitServer]:
+    """The session's SoftHSM token directory served by `p11-kit server` from another process."""
+    require(shutil.which("p11-kit") is not None, "p11-kit (Debian package p11-kit)")
+    require(P11KIT_CLIENT is not None, "p11-kit-client.so (Debian package p11-kit-modules)")
+    env = dict(os.environ, SOFTHSM2_CONF=str(settings.softhsm_conf_path))
+    server = P11KitServer(tmp_path_factory.mktemp("p11kit") / "sock", SOFTHSM_MODULE, env)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture(scope="session")
+def softhsm_backend(settings: Settings) -> HsmBackend:
+    return HsmBackend(SOFTHSM, settings.pkcs11_uri, settings.issuer_key_type, so_pin=secrets.token_hex(8))
+
+
+@pytest.fixture(scope="session")
+def p11kit_backend(settings: Settings, p11kit_server: P11KitServer) -> HsmBackend:
+    """SoftHSM behind p11-kit remoting: the same token, reached through the client module only."""
+    main = settings.pkcs11_uri
+    assert main.pin_source is not None
+    uri = p11kit_server.uri(main.token, main.pin_source, main.object)
+    return HsmBackend(P11KIT, uri, settings.issuer_key_type, so_pin=secrets.token_hex(8))
+
+
+@pytest.fixture(scope="session")
+def opencryptoki_backend(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> HsmBackend:
+    """openCryptoki's software token (slot 3), re-initialised for this session, with an RSA issuer.
+
+    Its token holds no EC or EdDSA mechanism (openCryptoki 3.8), so the issuer key is RSA.
+    """
+    require(OPENCRYPTOKI_MODULE is not None, "openCryptoki (Debian package opencryptoki)")
+    assert OPENCRYPTOKI_MODULE is not None
+    require(start_opencryptoki_daemon(), "openCryptoki's slot daemon pkcsslotd (needs root to start)")
+    pin = f"{secrets.randbelow(10**8):08d}"
+    pin_file = tmp_path_factory.mktemp("opencryptoki") / "pin"
+    pin_file.write_text(pin + "\n")
+    try:
+        init_token(
+            OPENCRYPTOKI_MODULE, OPENCRYPTOKI_TOKEN, so_pin=OPENCRYPTOKI_DEFAULT_SO_PIN, user_pin=pin, replace=True
+        )
+    except TokenNotFoundError:
+        # Only a token these tests created is ever wiped: someone else's is left alone.
+        pytest.fail(
+            f"openCryptoki's software token (slot 3) holds a token not labelled {OPENCRYPTOKI_TOKEN!r}; "
+            "the tests re-initialise only their own token",
+            pytrace=False,
+        )
+    issuer = settings.pkcs11_uri.object
+    uri = Pkcs11Uri(OPENCRYPTOKI_TOKEN, OPENCRYPTOKI_MODULE, issuer, pin_source=f"file:{pin_file}")
+    keys = Pkcs11KeyManager(uri)
+    try:
+        keys.create_hmac_key(settings.hmac_key_label)
+        assert issuer is not None
+        keys.create_key(issuer, KeyKind.RSA_3072)
+    finally:
+        keys.close()
+    return HsmBackend(OPENCRYPTOKI, uri, KeyKind.RSA_3072)
+
+
+@pytest.fixture(scope="module")
+def hsm_backend(request: pytest.FixtureRequest) -> HsmBackend:
+    """The backend a parametrised HSM test runs against (softhsm, p11kit or opencryptoki)."""
+    name = getattr(request, "param", SOFTHSM)
+    backend = request.getfixturevalue(f"{name}_backend")
+    assert isinstance(backend, HsmBackend)
+    return backend

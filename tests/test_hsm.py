@@ -1,8 +1,15 @@
-"""Tests of the PKCS#11 layer (hsm/) against the real SoftHSM2 token: no mocks."""
+"""Tests of the PKCS#11 layer (hsm/) against real modules, no mocks.
+
+Every test that touches a token runs on each backend (tests/hsm_backends.py): SoftHSM2 in-process,
+the same SoftHSM2 token behind p11-kit remoting, and openCryptoki's software token. A key kind a
+backend lacks is not skipped: `test_backend_mechanisms` proves the mechanism is missing and the
+session summary reports it with the reason.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -20,7 +27,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.hazmat.primitives.asymmetric.utils import NoDigestInfo, Prehashed
 from cryptography.x509.oid import NameOID
 
 from hsm import (
@@ -42,7 +49,17 @@ from hsm import (
 from hsm.provision import init_token, token_exists
 from hsm.session import translate
 from hsm.signer import HsmEcPrivateKey, HsmEd25519PrivateKey, HsmPrivateKey, HsmRsaPrivateKey
+from hsm.uri import MODULE_ENV_ATTR, apply_module_env
 from server.config import Settings
+from tests.hsm_backends import (
+    BACKENDS,
+    HMAC_MECHANISMS,
+    KIND_MECHANISMS,
+    MULTI_TOKEN_BACKENDS,
+    UNSUPPORTED_KINDS,
+    UNSUPPORTED_REPORT,
+    HsmBackend,
+)
 
 ISSUER_LABEL = "keybinder-issuer"
 HMAC_LABEL = "keybinder-hmac"
@@ -62,6 +79,22 @@ KIND_KEY_TYPE = {
     KeyKind.ED25519: "EC_EDWARDS",
 }
 ALL_KINDS = list(KeyKind)
+EC_KINDS = [KeyKind.EC_P256, KeyKind.EC_P384]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run every token test on every backend, with the key kinds (``@pytest.mark.kinds``) it supports."""
+    if "hsm_backend" not in metafunc.fixturenames:
+        return
+    backends = MULTI_TOKEN_BACKENDS if "second_token" in metafunc.fixturenames else BACKENDS
+    marker = metafunc.definition.get_closest_marker("kinds")
+    if marker is None:
+        metafunc.parametrize("hsm_backend", backends, indirect=True, scope="module")
+        return
+    pairs = [(b, k) for b in backends for k in marker.args if k not in UNSUPPORTED_KINDS.get(b, {})]
+    metafunc.parametrize(
+        ("hsm_backend", "kind"), pairs, indirect=["hsm_backend"], scope="module", ids=[f"{b}-{k}" for b, k in pairs]
+    )
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -138,7 +171,12 @@ class SecondToken:
     def uri_with_pin(self, pin: str) -> Pkcs11Uri:
         path = self.tmp / f"pin-{secrets.token_hex(4)}"
         path.write_text(pin + "\n")
-        return Pkcs11Uri(token=self.label, module_path=self.uri.module_path, pin_source=f"file:{path}")
+        return Pkcs11Uri(
+            token=self.label,
+            module_path=self.uri.module_path,
+            pin_source=f"file:{path}",
+            module_env=self.uri.module_env,
+        )
 
 
 # -- fixtures -----------------------------------------------------------------------------
@@ -150,8 +188,8 @@ def main_pin(settings: Settings) -> str:
 
 
 @pytest.fixture
-def manager(settings: Settings) -> Iterator[Pkcs11KeyManager]:
-    m = Pkcs11KeyManager(settings.pkcs11_uri)
+def manager(hsm_backend: HsmBackend) -> Iterator[Pkcs11KeyManager]:
+    m = Pkcs11KeyManager(hsm_backend.uri)
     try:
         yield m
     finally:
@@ -159,13 +197,13 @@ def manager(settings: Settings) -> Iterator[Pkcs11KeyManager]:
 
 
 @pytest.fixture(scope="module")
-def generated(settings: Settings) -> Iterator[dict[KeyKind, GeneratedKey]]:
-    """One fresh key of every kind on the shared token, with unique labels."""
-    m = Pkcs11KeyManager(settings.pkcs11_uri)
+def generated(hsm_backend: HsmBackend) -> Iterator[dict[KeyKind, GeneratedKey]]:
+    """One fresh key of every kind the backend supports on its main token, with unique labels."""
+    m = Pkcs11KeyManager(hsm_backend.uri)
     suffix = secrets.token_hex(4)
     try:
         keys = {}
-        for kind in KeyKind:
+        for kind in hsm_backend.kinds:
             label = f"test-{kind}-{suffix}"
             keys[kind] = GeneratedKey(label, kind, m.create_key(label, kind))
         yield keys
@@ -174,15 +212,15 @@ def generated(settings: Settings) -> Iterator[dict[KeyKind, GeneratedKey]]:
 
 
 @pytest.fixture(scope="module")
-def second_token(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> SecondToken:
-    module = settings.pkcs11_uri.module_path
+def second_token(hsm_backend: HsmBackend, tmp_path_factory: pytest.TempPathFactory) -> SecondToken:
     label = f"kb-wrongpin-{secrets.token_hex(4)}"
     pin = secrets.token_hex(8)
-    init_token(module, label, so_pin=secrets.token_hex(8), user_pin=pin)
+    assert hsm_backend.so_pin is not None
+    init_token(hsm_backend.uri, label, so_pin=hsm_backend.so_pin, user_pin=pin)
     tmp = tmp_path_factory.mktemp("second-token")
     pin_file = tmp / "pin"
     pin_file.write_text(pin + "\n")
-    uri = Pkcs11Uri(token=label, module_path=module, pin_source=f"file:{pin_file}")
+    uri = hsm_backend.token_uri(label, f"file:{pin_file}")
     m = Pkcs11KeyManager(uri)
     try:
         m.create_key("second-p256", KeyKind.EC_P256)
@@ -325,7 +363,7 @@ def test_read_pin_errors_do_not_leak_the_pin(tmp_path: Path, monkeypatch: pytest
 # -- 2. key generation and attributes -------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ALL_KINDS)
+@pytest.mark.kinds(*ALL_KINDS)
 def test_generated_key_is_protected(
     manager: Pkcs11KeyManager, generated: dict[KeyKind, GeneratedKey], kind: KeyKind
 ) -> None:
@@ -349,7 +387,7 @@ def test_generated_key_ids_are_unique(manager: Pkcs11KeyManager, generated: dict
     assert len(ids) == len(generated) + 1
 
 
-@pytest.mark.parametrize("kind", ALL_KINDS)
+@pytest.mark.kinds(*ALL_KINDS)
 def test_generated_public_key_shape(
     manager: Pkcs11KeyManager, generated: dict[KeyKind, GeneratedKey], kind: KeyKind
 ) -> None:
@@ -373,7 +411,7 @@ def test_generated_public_key_shape(
         assert len(public.public_bytes_raw()) == 32
 
 
-@pytest.mark.parametrize("kind", ALL_KINDS)
+@pytest.mark.kinds(*ALL_KINDS)
 def test_create_existing_label_raises(
     manager: Pkcs11KeyManager, generated: dict[KeyKind, GeneratedKey], kind: KeyKind
 ) -> None:
@@ -404,9 +442,9 @@ def test_init_labels_cannot_be_reused(manager: Pkcs11KeyManager) -> None:
 # -- 3. the keys created by init -------------------------------------------------------------
 
 
-def test_issuer_key_is_protected(manager: Pkcs11KeyManager, settings: Settings) -> None:
+def test_issuer_key_is_protected(manager: Pkcs11KeyManager, hsm_backend: HsmBackend) -> None:
     info = manager.key_info(ISSUER_LABEL)
-    assert info.key_type == KIND_KEY_TYPE[settings.issuer_key_type]
+    assert info.key_type == KIND_KEY_TYPE[hsm_backend.issuer_kind]
     assert (info.sensitive, info.extractable, info.always_sensitive, info.never_extractable) == (
         True,
         False,
@@ -446,7 +484,7 @@ def test_key_info_of_a_public_key_does_not_leak_keyerror(manager: Pkcs11KeyManag
 # -- 4. signatures ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ALL_KINDS)
+@pytest.mark.kinds(*ALL_KINDS)
 def test_signer_signs_and_verifies(
     manager: Pkcs11KeyManager, generated: dict[KeyKind, GeneratedKey], kind: KeyKind
 ) -> None:
@@ -476,7 +514,7 @@ def test_signer_signs_and_verifies(
             verify(key.public, signature, message + b"!", algorithm)
 
 
-@pytest.mark.parametrize("kind", ALL_KINDS)
+@pytest.mark.kinds(*ALL_KINDS)
 def test_self_signed_certificate_verifies(
     manager: Pkcs11KeyManager, generated: dict[KeyKind, GeneratedKey], kind: KeyKind
 ) -> None:
@@ -492,15 +530,15 @@ def test_self_signed_certificate_verifies(
         assert isinstance(cert.signature_hash_algorithm, type(algorithm))
 
 
-def test_issuer_key_signs_certificates(manager: Pkcs11KeyManager, settings: Settings) -> None:
+def test_issuer_key_signs_certificates(manager: Pkcs11KeyManager, hsm_backend: HsmBackend) -> None:
     signer = manager.create_signer(ISSUER_LABEL)
-    kind = settings.issuer_key_type
+    kind = hsm_backend.issuer_kind
     cert = self_signed(signer, KIND_HASH[kind])
     cert.verify_directly_issued_by(cert)
     verify(signer.public_key(), sign(signer, b"issuer", KIND_HASH[kind]), b"issuer", KIND_HASH[kind])
 
 
-@pytest.mark.parametrize("kind", [KeyKind.EC_P256, KeyKind.EC_P384])
+@pytest.mark.kinds(*EC_KINDS)
 def test_ecdsa_long_message_is_hashed_first(
     manager: Pkcs11KeyManager, generated: dict[KeyKind, GeneratedKey], kind: KeyKind
 ) -> None:
@@ -517,7 +555,7 @@ def test_ecdsa_long_message_is_hashed_first(
         verify(key.public, signature, long_b, algorithm)
 
 
-@pytest.mark.parametrize("kind", [KeyKind.EC_P256, KeyKind.EC_P384])
+@pytest.mark.kinds(*EC_KINDS)
 def test_ecdsa_hash_variants_and_prehashed(
     manager: Pkcs11KeyManager, generated: dict[KeyKind, GeneratedKey], kind: KeyKind
 ) -> None:
@@ -537,8 +575,11 @@ def test_ecdsa_hash_variants_and_prehashed(
         public.verify(signer.sign(digest.finalize(), prehashed), data, ec.ECDSA(algorithm))
 
 
-def test_ecdsa_signatures_are_randomised(manager: Pkcs11KeyManager, generated: dict[KeyKind, GeneratedKey]) -> None:
-    key = generated[KeyKind.EC_P256]
+@pytest.mark.kinds(KeyKind.EC_P256)
+def test_ecdsa_signatures_are_randomised(
+    manager: Pkcs11KeyManager, generated: dict[KeyKind, GeneratedKey], kind: KeyKind
+) -> None:
+    key = generated[kind]
     signer = manager.create_signer(key.label)
     first, second = sign(signer, b"same"), sign(signer, b"same")
     assert first != second
@@ -546,17 +587,28 @@ def test_ecdsa_signatures_are_randomised(manager: Pkcs11KeyManager, generated: d
     verify(key.public, second, b"same")
 
 
-def test_rsa_hash_variants(manager: Pkcs11KeyManager, generated: dict[KeyKind, GeneratedKey]) -> None:
-    key = generated[KeyKind.RSA_3072]
+@pytest.mark.kinds(KeyKind.RSA_3072)
+def test_rsa_hash_variants(manager: Pkcs11KeyManager, generated: dict[KeyKind, GeneratedKey], kind: KeyKind) -> None:
+    key = generated[kind]
     signer = manager.create_signer(key.label)
+    assert isinstance(signer, HsmRsaPrivateKey)
     for algorithm in (hashes.SHA384(), hashes.SHA512()):
         signature = sign(signer, b"rsa", algorithm)
         assert len(signature) == 3072 // 8
         verify(key.public, signature, b"rsa", algorithm)
+        digest = hashes.Hash(algorithm)
+        digest.update(b"rsa")
+        prehashed = signer.sign(digest.finalize(), padding.PKCS1v15(), Prehashed(algorithm))
+        verify(key.public, prehashed, b"rsa", algorithm)
+    with pytest.raises(ValueError, match="32 bytes"):
+        signer.sign(b"\x00" * 31, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
 
 
-def test_rsa_unsupported_schemes_raise(manager: Pkcs11KeyManager, generated: dict[KeyKind, GeneratedKey]) -> None:
-    signer = manager.create_signer(generated[KeyKind.RSA_3072].label)
+@pytest.mark.kinds(KeyKind.RSA_3072)
+def test_rsa_unsupported_schemes_raise(
+    manager: Pkcs11KeyManager, generated: dict[KeyKind, GeneratedKey], kind: KeyKind
+) -> None:
+    signer = manager.create_signer(generated[kind].label)
     assert isinstance(signer, HsmRsaPrivateKey)
     assert signer.key_size == 3072
     pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH)
@@ -565,7 +617,7 @@ def test_rsa_unsupported_schemes_raise(manager: Pkcs11KeyManager, generated: dic
     with pytest.raises(MechanismNotSupportedError):
         signer.sign(b"x", padding.PKCS1v15(), hashes.SHA1())  # noqa: S303 - must be refused
     with pytest.raises(MechanismNotSupportedError):
-        signer.sign(b"\x00" * 32, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+        signer.sign(b"\x00" * 32, padding.PKCS1v15(), NoDigestInfo())
     with pytest.raises(MechanismNotSupportedError):
         signer.decrypt(b"\x00" * 384, padding.PKCS1v15())
     # The refusal propagates through cryptography's certificate builder too.
@@ -584,15 +636,18 @@ def test_rsa_unsupported_schemes_raise(manager: Pkcs11KeyManager, generated: dic
         builder.sign(signer, hashes.SHA256(), rsa_padding=pss)
 
 
-def test_ec_exchange_is_refused(manager: Pkcs11KeyManager, generated: dict[KeyKind, GeneratedKey]) -> None:
-    signer = manager.create_signer(generated[KeyKind.EC_P256].label)
+@pytest.mark.kinds(KeyKind.EC_P256)
+def test_ec_exchange_is_refused(
+    manager: Pkcs11KeyManager, generated: dict[KeyKind, GeneratedKey], kind: KeyKind
+) -> None:
+    signer = manager.create_signer(generated[kind].label)
     assert isinstance(signer, HsmEcPrivateKey)
     peer = ec.generate_private_key(ec.SECP256R1()).public_key()
     with pytest.raises(MechanismNotSupportedError):
         signer.exchange(ec.ECDH(), peer)
 
 
-@pytest.mark.parametrize("kind", ALL_KINDS)
+@pytest.mark.kinds(*ALL_KINDS)
 def test_private_material_is_not_extractable(
     manager: Pkcs11KeyManager, generated: dict[KeyKind, GeneratedKey], kind: KeyKind
 ) -> None:
@@ -669,6 +724,8 @@ def test_wrong_pin_raises_pin_incorrect(second_token: SecondToken, main_pin: str
             assert_no_secret(info.value, wrong, second_token.pin, main_pin)
     finally:
         m.close()
+    # The second refusal came from us, not the token: a rejected PIN is not tried again.
+    assert "not trying it again" in str(info.value)
     # The right PIN still works afterwards (the token was not locked).
     good = Pkcs11KeyManager(second_token.uri)
     try:
@@ -677,28 +734,35 @@ def test_wrong_pin_raises_pin_incorrect(second_token: SecondToken, main_pin: str
         good.close()
 
 
-def test_nonexistent_token(settings: Settings, main_pin: str) -> None:
-    uri = Pkcs11Uri(
-        token=f"no-token-{secrets.token_hex(4)}",
-        module_path=settings.pkcs11_uri.module_path,
-        pin_source=settings.pkcs11_uri.pin_source,
-    )
+def test_corrected_pin_source_is_tried_again(second_token: SecondToken) -> None:
+    """After a rejected PIN the operator fixes the PIN file; the running process picks it up."""
+    uri = second_token.uri_with_pin(secrets.token_hex(8))
+    pin_file = Path(str(uri.pin_source).removeprefix("file:"))
+    m = Pkcs11KeyManager(uri)
+    try:
+        with pytest.raises(PinIncorrectError):
+            m.exists(second_token.key_label)
+        pin_file.write_text(second_token.pin + "\n")
+        assert m.exists(second_token.key_label)
+    finally:
+        m.close()
+
+
+def test_nonexistent_token(hsm_backend: HsmBackend, main_pin: str) -> None:
+    assert hsm_backend.uri.pin_source is not None
+    uri = hsm_backend.token_uri(f"no-token-{secrets.token_hex(4)}", hsm_backend.uri.pin_source)
     m = Pkcs11KeyManager(uri)
     try:
         with pytest.raises(TokenNotFoundError) as info:
             m.get_public_key(ISSUER_LABEL)
         assert info.value.retryable
-        assert_no_secret(info.value, main_pin)
+        assert_no_secret(info.value, main_pin, hsm_backend.uri.read_pin())
     finally:
         m.close()
 
 
-def test_unreadable_pin_source_is_a_config_error(settings: Settings, tmp_path: Path) -> None:
-    uri = Pkcs11Uri(
-        token=f"no-token-{secrets.token_hex(4)}",
-        module_path=settings.pkcs11_uri.module_path,
-        pin_source=f"file:{tmp_path / 'absent'}",
-    )
+def test_unreadable_pin_source_is_a_config_error(hsm_backend: HsmBackend, tmp_path: Path) -> None:
+    uri = hsm_backend.token_uri(f"no-token-{secrets.token_hex(4)}", f"file:{tmp_path / 'absent'}")
     m = Pkcs11KeyManager(uri)
     try:
         with pytest.raises(HsmConfigError):
@@ -778,28 +842,32 @@ def run_threads(count: int, work: Callable[[int], list[tuple[bytes, bytes]]]) ->
         return [f.result(timeout=120) for f in futures]
 
 
-def test_concurrent_signing_is_serialized(manager: Pkcs11KeyManager, generated: dict[KeyKind, GeneratedKey]) -> None:
-    key = generated[KeyKind.EC_P256]
+def test_concurrent_signing_is_serialized(
+    manager: Pkcs11KeyManager, generated: dict[KeyKind, GeneratedKey], hsm_backend: HsmBackend
+) -> None:
+    key = generated[hsm_backend.issuer_kind]
+    # RSA-3072 signs ~20x slower in software than P-256: fewer rounds give the same interleaving.
+    rounds = 20 if key.kind is KeyKind.RSA_3072 else 100
 
     def work(i: int) -> list[tuple[bytes, bytes]]:
         signer = manager.create_signer(key.label)
         out = []
-        for n in range(100):
+        for n in range(rounds):
             data = f"thread {i} message {n}".encode()
-            out.append((data, sign(signer, data, hashes.SHA256())))
+            out.append((data, sign(signer, data, KIND_HASH[key.kind])))
         return out
 
     results = run_threads(8, work)
-    assert sum(len(r) for r in results) == 800
+    assert sum(len(r) for r in results) == 8 * rounds
     for per_thread in results:
         for data, signature in per_thread:
-            verify(key.public, signature, data)
+            verify(key.public, signature, data, KIND_HASH[key.kind])
 
 
 def test_concurrent_mixed_operations_across_tokens(
-    settings: Settings, generated: dict[KeyKind, GeneratedKey], second_token: SecondToken
+    hsm_backend: HsmBackend, generated: dict[KeyKind, GeneratedKey], second_token: SecondToken
 ) -> None:
-    main = Pkcs11KeyManager(settings.pkcs11_uri)
+    main = Pkcs11KeyManager(hsm_backend.uri)
     other = Pkcs11KeyManager(second_token.uri)
     try:
         # One lock per module, not per token: SoftHSM is unsafe across tokens as well.
@@ -808,9 +876,7 @@ def test_concurrent_mixed_operations_across_tokens(
         other_public = other.get_public_key(second_token.key_label)
         expected_mac = main.hmac_sha256(HMAC_LABEL, b"mac me")
         jobs: list[tuple[Pkcs11KeyManager, str, PublicKey]] = [
-            (main, generated[KeyKind.EC_P256].label, generated[KeyKind.EC_P256].public),
-            (main, generated[KeyKind.EC_P384].label, generated[KeyKind.EC_P384].public),
-            (main, generated[KeyKind.ED25519].label, generated[KeyKind.ED25519].public),
+            *((main, key.label, key.public) for key in generated.values() if key.kind is not KeyKind.RSA_3072),
             (other, second_token.key_label, other_public),
             (other, second_token.key_label, other_public),
         ]
@@ -903,18 +969,20 @@ _RECONNECT_SCRIPT = """
 import json, sys
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding
 from hsm import HsmError, HsmUnavailableError, Pkcs11KeyManager
 
 def check(signer, data):
+    ecdsa = isinstance(signer, ec.EllipticCurvePrivateKey)
+    scheme = (ec.ECDSA(hashes.SHA256()),) if ecdsa else (padding.PKCS1v15(), hashes.SHA256())
     try:
-        signature = signer.sign(data, ec.ECDSA(hashes.SHA256()))
+        signature = signer.sign(data, *scheme)
     except HsmUnavailableError:
         return "unavailable"
     except HsmError as err:
         return type(err).__name__
     try:
-        signer.public_key().verify(signature, data, ec.ECDSA(hashes.SHA256()))
+        signer.public_key().verify(signature, data, *scheme)
     except InvalidSignature:
         return "wrong-key"
     return "ok"
@@ -953,18 +1021,18 @@ def run_reconnect_script(*args: str) -> dict[str, Any]:
     return result
 
 
-def test_reconnect_logs_in_again(settings: Settings, generated: dict[KeyKind, GeneratedKey]) -> None:
-    out = run_reconnect_script(str(settings.pkcs11_uri), generated[KeyKind.EC_P256].label)
+def test_reconnect_logs_in_again(hsm_backend: HsmBackend, generated: dict[KeyKind, GeneratedKey]) -> None:
+    out = run_reconnect_script(str(hsm_backend.uri), generated[hsm_backend.issuer_kind].label)
     assert out == {"before": "ok", "generation_bumped": True, "after": ["ok", "ok", "ok"]}
 
 
 def test_reconnect_does_not_cross_tokens(
-    settings: Settings, generated: dict[KeyKind, GeneratedKey], second_token: SecondToken
+    hsm_backend: HsmBackend, generated: dict[KeyKind, GeneratedKey], second_token: SecondToken
 ) -> None:
     # Token A = the shared token, token B = the second one. B reconnects (as after a device
     # error); then B signs, A signs twice (first may fail once: retryable), B signs twice.
     out = run_reconnect_script(
-        str(settings.pkcs11_uri), generated[KeyKind.EC_P256].label, str(second_token.uri), second_token.key_label
+        str(hsm_backend.uri), generated[KeyKind.EC_P256].label, str(second_token.uri), second_token.key_label
     )
     assert (out["before"], out["before_b"]) == ("ok", "ok")
     assert set(out["after"]) <= {"a:ok", "a:unavailable", "b:ok", "b:unavailable"}, out
@@ -975,11 +1043,11 @@ def test_reconnect_does_not_cross_tokens(
 # -- 8. provisioning ---------------------------------------------------------------------------
 
 
-def test_token_exists(settings: Settings, second_token: SecondToken) -> None:
-    module = settings.pkcs11_uri.module_path
-    assert token_exists(module, "keybinder")
-    assert token_exists(module, second_token.label)
-    assert not token_exists(module, f"absent-{secrets.token_hex(6)}")
+def test_token_exists(hsm_backend: HsmBackend, second_token: SecondToken) -> None:
+    uri = hsm_backend.uri
+    assert token_exists(uri, uri.token)
+    assert token_exists(uri, second_token.label)
+    assert not token_exists(uri, f"absent-{secrets.token_hex(6)}")
 
 
 def test_provision_rejects_bad_input(settings: Settings, tmp_path: Path) -> None:
@@ -988,3 +1056,99 @@ def test_provision_rejects_bad_input(settings: Settings, tmp_path: Path) -> None
         init_token(module, "x" * 33, so_pin="1", user_pin="2")
     with pytest.raises(HsmError):
         token_exists(str(tmp_path / "missing.so"), "keybinder")
+
+
+# -- 9. backends: what each module offers, the module environment in the URI ---------------------
+
+
+def test_backend_mechanisms(hsm_backend: HsmBackend, manager: Pkcs11KeyManager) -> None:
+    """Supported kinds have their mechanisms; each unsupported kind is proven missing and reported."""
+    offered = manager.mechanisms()
+    assert set(HMAC_MECHANISMS) <= offered
+    for kind in hsm_backend.kinds:
+        assert set(KIND_MECHANISMS[kind]) <= offered, f"{hsm_backend.name} lacks mechanisms for {kind}"
+    for kind, reason in hsm_backend.unsupported.items():
+        missing = sorted(set(KIND_MECHANISMS[kind]) - offered)
+        assert missing, f"{hsm_backend.name} now offers {kind}: take it out of UNSUPPORTED_KINDS"
+        label = f"unsupported-{kind}-{secrets.token_hex(4)}"
+        with pytest.raises(MechanismNotSupportedError):
+            manager.create_key(label, kind)
+        assert not manager.exists(label, "private")
+        assert not manager.exists(label, "public")
+        UNSUPPORTED_REPORT.append(f"{hsm_backend.name}: {kind}: {reason}; missing CKM_{', CKM_'.join(missing)}")
+
+
+_ALREADY_LOGGED_IN_SCRIPT = """
+import sys
+import pkcs11
+from hsm import Pkcs11KeyManager, Pkcs11Uri
+from hsm.uri import apply_module_env
+
+uri = Pkcs11Uri.parse(sys.argv[1])
+apply_module_env(uri)
+# Something else in the process logs in first (as a remoting server may keep a login across a
+# client's reconnect): the module then answers C_Login with CKR_USER_ALREADY_LOGGED_IN.
+other = pkcs11.lib(uri.module_path).get_token(token_label=uri.token).open(user_pin=uri.read_pin())
+keys = Pkcs11KeyManager(uri)
+print(keys.exists(sys.argv[2]), len(keys.hmac_sha256(sys.argv[3], b"x")))
+"""
+
+
+def test_already_logged_in_shares_the_login(hsm_backend: HsmBackend, settings: Settings) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _ALREADY_LOGGED_IN_SCRIPT, str(hsm_backend.uri), ISSUER_LABEL, settings.hmac_key_label],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "32"]
+
+
+def test_parse_module_env_round_trips() -> None:
+    text = (
+        "pkcs11:token=keybinder?module-path=/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
+        f"&pin-source=file:/run/pin&{MODULE_ENV_ATTR}=P11_KIT_SERVER_ADDRESS=unix:path=/run/p11/sock"
+        f"&{MODULE_ENV_ATTR}=OTHER_CONF=/etc/a%26b%3Dc"
+    )
+    uri = Pkcs11Uri.parse(text)
+    assert uri.module_env == (("P11_KIT_SERVER_ADDRESS", "unix:path=/run/p11/sock"), ("OTHER_CONF", "/etc/a&b=c"))
+    assert Pkcs11Uri.parse(str(uri)) == uri
+    assert uri.with_object("issuer").module_env == uri.module_env
+    assert Pkcs11Uri.parse("pkcs11:token=t?module-path=/m.so").module_env == ()
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("NOVALUE", "NAME=value"),
+        ("=x", "NAME=value"),
+        ("1BAD=x", "NAME=value"),
+        ("BAD-NAME=x", "NAME=value"),
+        ("LD_PRELOAD=/tmp/x.so", "loader"),
+        ("ld_library_path=/tmp", "loader"),
+    ],
+)
+def test_parse_module_env_rejects(value: str, fragment: str) -> None:
+    with pytest.raises(HsmConfigError, match=fragment):
+        Pkcs11Uri.parse(f"pkcs11:token=t?module-path=/m.so&{MODULE_ENV_ATTR}={value}")
+
+
+def test_parse_module_env_rejects_a_variable_twice() -> None:
+    with pytest.raises(HsmConfigError, match="twice"):
+        Pkcs11Uri.parse(f"pkcs11:token=t?module-path=/m.so&{MODULE_ENV_ATTR}=A=1&{MODULE_ENV_ATTR}=A=2")
+
+
+def test_module_env_wins_over_inherited_and_conflicts_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    name = f"KB_TEST_MODULE_ENV_{secrets.token_hex(4).upper()}"
+    monkeypatch.setenv(name, "inherited")
+    first = Pkcs11Uri("t", "/m.so", module_env=((name, "one"),))
+    apply_module_env(first)
+    assert os.environ[name] == "one"
+    apply_module_env(first)  # the same value again is fine
+    with pytest.raises(HsmConfigError, match=name) as info:
+        apply_module_env(Pkcs11Uri("t2", "/m.so", module_env=((name, "two"),)))
+    assert "two" not in str(info.value)
+    assert os.environ[name] == "one"
