@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hsm import KeyNotFoundError
 from server import metrics
+from server.config import load_settings
 from server.demo import new_wallet_key, read_otp
 from server.errors import TooManyAttemptsError
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
@@ -308,7 +309,7 @@ def test_active_bindings_are_counted_at_scrape_time_and_cached(kb: RunningServer
         collector.close()
 
 
-def test_an_unreachable_database_leaves_the_gauge_out(tmp_path: Path) -> None:
+def test_an_unreachable_database_leaves_the_gauge_out() -> None:
     def broken() -> Store:
         raise OSError("database down")
 
@@ -318,6 +319,16 @@ def test_an_unreachable_database_leaves_the_gauge_out(tmp_path: Path) -> None:
         assert list(collector.collect()) == []
     finally:
         collector.close()
+
+
+def test_metrics_are_off_unless_a_port_is_set(tmp_path: Path) -> None:
+    defaults = load_settings(data_dir=tmp_path)
+    assert defaults.metrics_port is None
+    assert defaults.metrics_host == "127.0.0.1"
+    assert load_settings(data_dir=tmp_path, metrics_port=0).metrics_port == 0
+    for bad in (-1, 65536):
+        with pytest.raises(ValueError, match="metrics_port"):
+            load_settings(data_dir=tmp_path, metrics_port=bad)
 
 
 def test_a_busy_metrics_port_fails_clearly(tmp_path: Path) -> None:
