@@ -119,7 +119,9 @@ def serve_process(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Me
 def call(port: int, fn: str, request: object, partner: str | None = "metrics-a") -> object:
     """One RPC on a new connection (so that the kernel may pick another worker); errors are returned."""
     metadata = () if partner is None else (("partner-id", partner),)
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    # A channel-local subchannel pool: a new TCP connection even while another channel is open.
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
         stub = pb_grpc.KeyBinderServiceStub(channel)
         try:
             return getattr(stub, fn)(request, metadata=metadata, timeout=15)
