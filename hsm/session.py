@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from contextlib import suppress
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pkcs11
 import pkcs11.exceptions as p11err
@@ -44,6 +45,21 @@ _UNAVAILABLE: tuple[type[p11err.PKCS11Error], ...] = (
     p11err.GeneralError,
     p11err.FunctionFailed,
 )
+
+
+class SessionObserver(Protocol):
+    """Told about every PKCS#11 call (e.g. by the server, for metrics); must be cheap and never raise."""
+
+    def hsm_call(self, action: str, seconds: float, error: BaseException | None) -> None: ...
+
+
+_observer: SessionObserver | None = None
+
+
+def set_observer(observer: SessionObserver | None) -> None:
+    """Install (or remove, with None) the process-wide observer of PKCS#11 calls."""
+    global _observer  # one observer per process, like the session itself
+    _observer = observer
 
 
 def translate(err: p11err.PKCS11Error, action: str) -> HsmError:
@@ -194,6 +210,27 @@ class Pkcs11Session:
 
     def run(self, action: str, fn: Callable[[pkcs11.Session], T]) -> T:
         """Run ``fn`` with the session, holding the process-wide PKCS#11 lock."""
+        observer = _observer
+        if observer is None:
+            return self._run(action, fn)
+        # Timed once the lock is held (waiting for it is contention, not HSM latency); reported after
+        # it is released so the observer never lengthens the critical section.
+        elapsed = 0.0
+        failure: BaseException | None = None
+        try:
+            with self._lock:
+                started = time.perf_counter()
+                try:
+                    return self._run(action, fn)
+                finally:
+                    elapsed = time.perf_counter() - started
+        except BaseException as err:
+            failure = err
+            raise
+        finally:
+            observer.hsm_call(action, elapsed, failure)
+
+    def _run(self, action: str, fn: Callable[[pkcs11.Session], T]) -> T:
         with self._lock:
             session = self._ensure_open()
             try:

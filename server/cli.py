@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from server.config import Settings, load_settings
+from server.logs import configure_logging
 
 # Rich tracebacks with locals would print PINs and OTPs held in local variables.
 app = typer.Typer(
@@ -43,12 +43,7 @@ def _settings(config: Path | None, data_dir: Path | None, db: str | None, hsm: s
     except (ValueError, FileNotFoundError) as err:
         typer.echo(f"configuration error: {err}", err=True)
         raise typer.Exit(2) from err
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("yoyo").setLevel(logging.WARNING)
+    configure_logging(settings.log_level, settings.log_format)
     return settings
 
 
@@ -96,6 +91,9 @@ def serve(
     workers: Annotated[
         int | None, typer.Option("--workers", help="Serving processes sharing the port [default: one per CPU].")
     ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option("--metrics-port", help="Serve Prometheus /metrics on this port [default: off].")
+    ] = None,
 ) -> None:
     """Serve keybinder.v1.KeyBinderService (plus health and reflection) until SIGTERM."""
     from hsm import HsmError
@@ -104,7 +102,9 @@ def serve(
 
     if port is not None and listen is None:
         listen = f"127.0.0.1:{port}"
-    settings = _settings(config, data_dir, database_url, hsm_uri, listen=listen, workers=workers)
+    settings = _settings(
+        config, data_dir, database_url, hsm_uri, listen=listen, workers=workers, metrics_port=metrics_port
+    )
     count = settings.workers or os.cpu_count() or 1
 
     def ready(bound: int) -> None:
@@ -114,7 +114,14 @@ def serve(
 
     try:
         if count == 1:
-            asyncio.run(run(settings, ready))
+            from server.metrics import start_exporter  # observability: this process serves /metrics
+
+            exporter = start_exporter(settings) if settings.metrics_port is not None else None
+            try:
+                asyncio.run(run(settings, ready))
+            finally:
+                if exporter is not None:
+                    exporter.close()
         else:
             raise typer.Exit(run_workers(settings, count, ready))
     except (HsmError, OSError) as err:

@@ -71,7 +71,15 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(10.0, ge=0, description="Time in-flight RPCs get on SIGTERM.")
     workers: int = Field(0, ge=0, le=256, description="Serving processes on one port; 0 means one per CPU.")
     health_probe_seconds: float = Field(5.0, gt=0, le=300, description="Interval of the HSM + database probe.")
+    # -- observability (README "Observability") ------------------------------------------
     log_level: str = Field("INFO", description="Python logging level.")
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="Log lines as JSON or text; auto: JSON unless stderr is a terminal."
+    )
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Port of the Prometheus /metrics endpoint; unset: no metrics."
+    )
+    metrics_host: str = Field("127.0.0.1", min_length=1, description="Address the /metrics endpoint binds.")
 
     # -- OTP delivery: the backend per channel and their settings. Secrets come from a source
     # (file:/path or env:NAME), read when the server starts, never from inline config or argv.

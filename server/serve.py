@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from server import metrics
 from server.app import App, build_app
 from server.config import Settings
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
@@ -45,6 +46,8 @@ class Server:
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
+        if self.settings.metrics_port is not None:
+            metrics.enable()  # observability: record RPC and HSM metrics (served by server.metrics)
         self.app = build_app(self.settings)
         server = grpc.aio.server(
             options=[

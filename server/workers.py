@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from multiprocessing.context import SpawnProcess
 from typing import Any
 
+from server import metrics
 from server.config import Settings
 
 log = logging.getLogger(__name__)
@@ -27,13 +28,11 @@ MAX_RESTART_DELAY_SECONDS = 30.0
 
 def _worker_main(values: dict[str, Any], index: int, ready: Any, log_level: str) -> None:
     """Entry point of one worker process (spawned, so nothing of the parent's HSM state is inherited)."""
+    from server.logs import configure_logging
     from server.serve import serve
 
-    logging.basicConfig(
-        level=log_level.upper(), format=f"%(asctime)s %(levelname)s worker-{index} %(name)s %(message)s"
-    )
-    logging.getLogger("yoyo").setLevel(logging.WARNING)
     settings = Settings(**values)
+    configure_logging(log_level, settings.log_format, worker=index)
     asyncio.run(serve(settings, lambda port: ready.put((index, os.getpid(), port)), reuse_port=True))
 
 
@@ -62,6 +61,10 @@ def run_workers(settings: Settings, count: int, on_ready: Callable[[int], None])
     values = settings.model_copy(update={"listen": f"{host}:{port}", "workers": 1}).model_dump()
     ready = ctx.Queue()
     stopping = False
+    # Observability: workers record into files in a fresh directory (set in the environment they inherit
+    # before any is spawned); this process sums them on /metrics.
+    metrics_dir = metrics.prepare_multiprocess_dir(settings.data_dir) if settings.metrics_port is not None else None
+    exporter = metrics.start_exporter(settings, metrics_dir) if metrics_dir is not None else None
 
     def request_stop(signum: int, frame: object) -> None:
         nonlocal stopping
@@ -110,6 +113,8 @@ def run_workers(settings: Settings, count: int, on_ready: Callable[[int], None])
                     lived,
                     delay,
                 )
+                if metrics_dir is not None and worker.process.pid is not None:
+                    metrics.worker_died(worker.process.pid, metrics_dir)
                 time.sleep(delay)
                 workers[index] = spawn(index, worker.restarts + 1 if lived <= QUICK_DEATH_SECONDS else 0)
         return 0
@@ -125,4 +130,8 @@ def run_workers(settings: Settings, count: int, on_ready: Callable[[int], None])
                 worker.process.kill()
                 worker.process.join(5)
         reserved.close()
+        if exporter is not None:
+            exporter.close()
+        if metrics_dir is not None:
+            metrics.remove_multiprocess_dir(metrics_dir)
         log.info("stopped")

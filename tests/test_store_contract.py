@@ -315,6 +315,7 @@ def test_commit_binding_supersedes_the_active_binding(store: Store) -> None:
     ]
     assert list(store.bindings_for(id_hmac, OTHER_PARTNER)) == [other_partner]
     assert list(store.bindings_for(new_id(), PARTNER)) == []
+    assert store.count_active_bindings() == 3  # second, other_factor, other_partner; first was superseded
     assert store.count_rows("wallet_keys") == 0  # claiming the key is claim_key's job, in its own transaction
 
 
@@ -721,6 +722,7 @@ PER_INDIVIDUAL_TABLES = {"individuals", "otps", "bindings", "wla_jtis", "binding
 #: Statements allowed to run without id_hmac; the store explains each one where it defines it.
 NOT_SHARD_KEYED = {
     pg.SQL_COUNT_IDENTITIES: "admin count of every individual",
+    pg.SQL_COUNT_ACTIVE_BINDINGS: "metrics: count of every active binding",
     pg.SQL_OTP_STATE: "test helper, by transaction id",
     pg.SQL_BINDING_BY_THUMBPRINT: "lookup by certificate: the thumbprint does not reveal the id_hmac",
     pg.SQL_LATEST_BINDING_BY_PSUT: "lookup by PSUT: the PSUT does not reveal the id_hmac",

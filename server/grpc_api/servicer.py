@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -16,6 +17,7 @@ from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
 from server.grpc_api import converters
 from server.grpc_api.status import internal_status, to_status
+from server.observability import Rpc, otps_sent
 from server.service import KeyBinderService
 
 log = logging.getLogger(__name__)
@@ -35,26 +37,26 @@ def partner_id(context: grpc.aio.ServicerContext) -> str:
 def mapped_errors(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
     """Turn domain errors into their status; anything unforeseen into a generic INTERNAL."""
 
+    name = method.__name__
+
     @functools.wraps(method)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
-        try:
-            return await method(self, request, context)
-        except KeyBinderError as err:
-            cause = err.__cause__
-            log.info(
-                "%s refused: %s%s",
-                method.__name__,
-                err.reason,
-                f" (cause: {type(cause).__name__}: {cause})" if cause is not None else "",
-            )
-            await context.abort_with_status(to_status(err))
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            if context.code() is not None:  # already aborted
+        # Observability: request context for logs, the access-log line (with a refusal's reason and
+        # cause) and metrics at the end, x-request-id in the trailing metadata (see server.observability).
+        with Rpc(name, context) as rpc:
+            try:
+                return await method(self, request, context)
+            except KeyBinderError as err:
+                rpc.refused(err)
+                await context.abort_with_status(rpc.status(to_status(err)))
+            except asyncio.CancelledError:
                 raise
-            log.exception("%s failed unexpectedly", method.__name__)
-            await context.abort_with_status(internal_status())
+            except Exception:
+                if context.code() is not None:  # already aborted
+                    raise
+                log.exception("%s failed unexpectedly", name)
+                rpc.failed()
+                await context.abort_with_status(rpc.status(internal_status()))
         raise AssertionError("unreachable")  # abort_with_status always raises
 
     return wrapper
@@ -71,7 +73,8 @@ class KeyBinderServicer(pb_grpc.KeyBinderServiceServicer):
         # is short (SQLite, an in-process HSM).
         if self.executor is None:
             return fn()
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+        # The request context (server.logs) follows the call: run_in_executor does not copy it.
+        return await asyncio.get_running_loop().run_in_executor(self.executor, contextvars.copy_context().run, fn)
 
     @mapped_errors
     async def SendBindingOtp(  # noqa: N802 - name fixed by the proto
@@ -81,6 +84,7 @@ class KeyBinderServicer(pb_grpc.KeyBinderServiceServicer):
         result = await self._run(
             lambda: self.service.send_binding_otp(partner, request.individual_id, list(request.otp_channels))
         )
+        otps_sent(request.otp_channels)  # observability: OTPs sent by channel
         return converters.send_otp_to_proto(result)
 
     @mapped_errors

@@ -62,6 +62,9 @@ SQL_UPDATE_IDENTITY: Final = (
 SQL_GET_IDENTITY: Final = "SELECT email, phone, name, pin_hmac FROM individuals WHERE id_hmac = %s"
 # Admin only (CLI, tests): counts every individual, so it fans out to every shard.
 SQL_COUNT_IDENTITIES: Final = "SELECT count(*) FROM individuals"
+# Metrics only (the active-bindings gauge, computed at scrape time and cached, off the request path):
+# counts every individual's active bindings, so it fans out to every shard.
+SQL_COUNT_ACTIVE_BINDINGS: Final = "SELECT count(*) FROM bindings WHERE status = 'active'"
 
 SQL_REPLACE_PENDING_OTP: Final = (
     "UPDATE otps SET state = 'replaced' WHERE id_hmac = %s AND partner_id = %s AND state = 'pending'"
@@ -344,6 +347,9 @@ class PostgresStore:
 
     def count_identities(self) -> int:
         return int(self._read(SQL_COUNT_IDENTITIES, ())[0][0])
+
+    def count_active_bindings(self) -> int:
+        return int(self._read(SQL_COUNT_ACTIVE_BINDINGS, ())[0][0])
 
     # -- OTPs -----------------------------------------------------------------------------
 

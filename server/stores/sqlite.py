@@ -144,6 +144,10 @@ class SqliteStore:
     def count_identities(self) -> int:
         return int(self._query("SELECT count(*) AS n FROM individuals", ())[0]["n"])
 
+    def count_active_bindings(self) -> int:
+        """Every individual's active bindings (the metrics gauge; never on the request path)."""
+        return int(self._query("SELECT count(*) AS n FROM bindings WHERE status = 'active'", ())[0]["n"])
+
     # -- OTPs -----------------------------------------------------------------------------
 
     def replace_otp(self, otp: OtpRecord) -> None:
