@@ -75,6 +75,8 @@ def build_app(settings: Settings) -> App:
         notifier=OutboxNotifier(settings.outbox),
         replay=store,
         nonces=store,
+        limit_store=store,
+        audit_log=store,
     )
     return App(settings, keys, store, service)
 
