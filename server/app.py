@@ -125,6 +125,8 @@ def build_app(settings: Settings) -> App:
         notifier=notifier,
         replay=store,
         nonces=store,
+        limit_store=store,
+        audit_log=store,
     )
     return App(settings, keys, store, service)
 

@@ -1,4 +1,4 @@
-"""The `keybinder` command line: init, serve, issuer, identities, demo."""
+"""The `keybinder` command line: init, serve, issuer, identities, audit, demo."""
 
 from __future__ import annotations
 
@@ -6,13 +6,19 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from server.config import Settings, load_settings
 from server.logs import configure_logging
+
+if TYPE_CHECKING:
+    from server.audit import AuditEvent, AuditRow
+    from server.stores import Store
 
 # Rich tracebacks with locals would print PINs and OTPs held in local variables.
 app = typer.Typer(
@@ -24,6 +30,8 @@ issuer_app = typer.Typer(help="Issuer certificates.", no_args_is_help=True)
 identities_app = typer.Typer(help="The identity registry.", no_args_is_help=True)
 app.add_typer(issuer_app, name="issuer")
 app.add_typer(identities_app, name="identities")
+audit_app = typer.Typer(help="The hash-chained audit trail.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML config file (or $KEYBINDER_CONFIG).")]
 DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="State directory [default: .keybinder].")]
@@ -52,6 +60,14 @@ def _fail(err: Exception) -> typer.Exit:
     return typer.Exit(1)
 
 
+def _audit_admin(store: Store, event: AuditEvent) -> None:
+    """Append an admin action's entry; the action is done, so a failure here says exactly that."""
+    try:
+        store.append_audit(event)
+    except Exception as err:
+        raise _fail(RuntimeError(f"{event.action} succeeded, but its audit entry was not written: {err}")) from err
+
+
 @app.command()
 def init(
     config: ConfigOpt = None, data_dir: DataDirOpt = None, database_url: DbOpt = None, hsm_uri: HsmOpt = None
@@ -61,10 +77,19 @@ def init(
     from server.app import initialise
 
     settings = _settings(config, data_dir, database_url, hsm_uri)
+    from server.audit import admin_event
+    from server.stores import open_store
+
     try:
         report = initialise(settings)
     except (HsmError, RuntimeError, OSError) as err:
         raise _fail(err) from err
+    store = open_store(settings.database)
+    try:
+        summary = f"{len(report.created)} created, {len(report.reused)} reused"
+        _audit_admin(store, admin_event(datetime.now(UTC), "init", subject=summary))
+    finally:
+        store.close()
     for item in report.created:
         typer.echo(f"created  {item}")
     for item in report.reused:
@@ -161,6 +186,7 @@ def identities_import(
 ) -> None:
     """Import identities; the ID and PIN are stored only as HSM-keyed HMACs."""
     from server.app import check_identity, register_identity
+    from server.audit import admin_event
     from server.errors import KeyBinderError
 
     settings = _settings(config, data_dir, database_url, hsm_uri)
@@ -202,6 +228,9 @@ def identities_import(
                 raise _fail(RuntimeError(f"entry {index}: {err}")) from err
             added += new
             updated += not new
+        _audit_admin(
+            kb.store, admin_event(datetime.now(UTC), "identities_import", subject=f"{added} new, {updated} updated")
+        )
     finally:
         kb.close()
     typer.echo(f"imported {len(entries)} identities ({added} new, {updated} updated)")
@@ -223,6 +252,7 @@ def identities_add(
 ) -> None:
     """Add or update one identity. The PIN is never taken on the command line."""
     from server.app import register_identity
+    from server.audit import admin_event, id_hmac_subject
     from server.errors import KeyBinderError
 
     settings = _settings(config, data_dir, database_url, hsm_uri)
@@ -234,11 +264,75 @@ def identities_add(
         new = register_identity(
             kb.service, kb.store, individual_id=individual_id, email=email, phone=phone, name=name, pin=pin
         )
+        subject = id_hmac_subject(kb.service.id_hmac(individual_id))
+        _audit_admin(kb.store, admin_event(datetime.now(UTC), "identities_add", subject=subject))
     except (KeyBinderError, ValueError) as err:
         raise _fail(err) from err
     finally:
         kb.close()
     typer.echo("added" if new else "updated")
+
+
+def _audit_rows(store: Store) -> Iterator[AuditRow]:
+    """Every entry, ordered by chain then seq, read a page at a time."""
+    from server.audit import PAGE_ROWS
+
+    after: tuple[bytes, int] | None = None
+    while page := store.audit_rows(after, PAGE_ROWS):
+        yield from page
+        after = (page[-1].chain_key, page[-1].seq)
+
+
+@audit_app.command("verify")
+def audit_verify(config: ConfigOpt = None, data_dir: DataDirOpt = None, database_url: DbOpt = None) -> None:
+    """Recompute every hash chain; name the first broken link of each broken chain (exit status 1)."""
+    from server.audit import verify_chains
+    from server.ports import BackendUnavailable
+    from server.stores import open_store
+
+    settings = _settings(config, data_dir, database_url, None)
+    store = open_store(settings.database)
+    try:
+        report = verify_chains(_audit_rows(store))
+    except BackendUnavailable as err:
+        raise _fail(err) from err
+    finally:
+        store.close()
+    if report.broken:
+        typer.echo(f"audit trail BROKEN: {len(report.broken)} of {report.chains} chain(s), {report.entries} entries")
+        for link in report.broken:
+            typer.echo(f"first broken link: {link}")
+        raise typer.Exit(1)
+    typer.echo(f"audit trail intact: {report.entries} entries in {report.chains} chain(s)")
+
+
+@audit_app.command("export")
+def audit_export(
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="File to write [default: stdout].")] = None,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+) -> None:
+    """Write every entry as one JSON object per line, ordered by chain then seq."""
+    from server.ports import BackendUnavailable
+    from server.stores import open_store
+
+    settings = _settings(config, data_dir, database_url, None)
+    store = open_store(settings.database)
+    try:
+        with output.open("w", encoding="utf-8") if output is not None else _stdout() as out:
+            for row in _audit_rows(store):
+                out.write(json.dumps(row.to_json(), sort_keys=True) + "\n")
+    except (BackendUnavailable, OSError) as err:
+        raise _fail(err) from err
+    finally:
+        store.close()
+
+
+def _stdout() -> Any:
+    from contextlib import nullcontext
+
+    return nullcontext(sys.stdout)
 
 
 @app.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,7 @@ from pydantic_settings import (
 )
 
 from hsm import KeyKind, Pkcs11Uri
+from server.limits import Limits, RateRule
 from server.notifiers import read_secret
 from server.notifiers.webhook import check_webhook_url
 from server.service import DEFAULT_INDIVIDUAL_ID_PATTERN, Policy
@@ -128,10 +130,31 @@ class Settings(BaseSettings):
             read_secret(self.webhook_secret_source, "webhook HMAC secret")
         return self
 
+    # -- abuse limits (shared by every process through the database) ----------------------
+    otp_sends_per_individual: int = Field(3, ge=1, le=1_000_000, description="OTPs one individual may be sent ...")
+    otp_send_window_seconds: int = Field(600, ge=1, le=86400, description="... per this many seconds.")
+    otp_sends_per_partner_per_minute: int = Field(
+        600, ge=1, le=10_000_000, description="SendBindingOtp calls one partner may make per minute."
+    )
+    auth_failures_before_lockout: int = Field(
+        5, ge=1, le=1_000_000, description="Failed challenges of one individual that start a lockout ..."
+    )
+    auth_failure_window_seconds: int = Field(900, ge=1, le=86400, description="... within this many seconds.")
+    lockout_seconds: int = Field(900, ge=1, le=86400 * 7, description="How long a lockout lasts.")
+
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().absolute()
+
+    @field_validator("individual_id_pattern")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"individual_id_pattern is not a valid regular expression: {err}") from err
+        return value
 
     @classmethod
     def settings_customise_sources(
@@ -213,6 +236,15 @@ class Settings(BaseSettings):
             wla_max_lifetime_seconds=self.wla_max_lifetime_seconds,
             proof_of_possession=self.proof_of_possession,
             proof_of_possession_by_partner=tuple(sorted(self.proof_of_possession_by_partner.items())),
+            limits=self.limits(),
+        )
+
+    def limits(self) -> Limits:
+        return Limits(
+            otp_sends_per_individual=RateRule(self.otp_sends_per_individual, self.otp_send_window_seconds),
+            otp_sends_per_partner=RateRule(self.otp_sends_per_partner_per_minute, 60),
+            auth_failures=RateRule(self.auth_failures_before_lockout, self.auth_failure_window_seconds),
+            lockout_seconds=self.lockout_seconds,
         )
 
     def apply_environment(self) -> None:

@@ -34,6 +34,10 @@ _EC_CURVES: dict[str, tuple[type[ec.EllipticCurve], int, frozenset[str]]] = {
     "P-384": (ec.SECP384R1, 48, frozenset({"ES384"})),
 }
 _RSA_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
+# Ed25519 (RFC 8032): -x^2 + y^2 = 1 + d x^2 y^2 over GF(p).
+_ED_P = 2**255 - 19
+_ED_D = -121665 * pow(121666, -1, _ED_P) % _ED_P
+_ED_SQRT_M1 = pow(2, (_ED_P - 1) // 4, _ED_P)
 _OKP_ALGS = frozenset({"EdDSA", "Ed25519"})
 
 
@@ -102,7 +106,9 @@ def parse_wallet_jwk(text: str) -> WalletKey:
     if len(text.encode("utf-8", "surrogatepass")) > MAX_JWK_BYTES:
         raise InvalidPublicKeyError(f"the public key JWK exceeds {MAX_JWK_BYTES} bytes")
     try:
-        jwk = json.loads(text)
+        jwk = json.loads(text, object_pairs_hook=_unique_members)
+    except _DuplicateMember as err:
+        raise InvalidPublicKeyError("the JWK names a member more than once") from err
     except (ValueError, RecursionError) as err:  # JSONDecodeError, and the int digit-limit ValueError
         raise InvalidPublicKeyError("the public key is not valid JSON") from err
     if not isinstance(jwk, dict):
@@ -125,6 +131,18 @@ def parse_wallet_jwk(text: str) -> WalletKey:
     thumbprint = jwk_thumbprint({m: jwk[m] for m in _THUMBPRINT_MEMBERS[kty]})
     der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return WalletKey(public, kty, hashlib.sha256(der).hexdigest(), thumbprint)
+
+
+class _DuplicateMember(Exception):
+    pass
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of repeated names; another parser may keep the first. One meaning only.
+    members = dict(pairs)
+    if len(members) != len(pairs):
+        raise _DuplicateMember
+    return members
 
 
 def _ec_key(jwk: dict[str, Any]) -> ec.EllipticCurvePublicKey:
@@ -168,7 +186,45 @@ def _okp_key(jwk: dict[str, Any]) -> ed25519.Ed25519PublicKey:
     x = _b64(jwk.get("x"), "x")
     if len(x) != 32:
         raise InvalidPublicKeyError("Ed25519 x must be 32 bytes")
+    # OpenSSL takes any 32 bytes as an Ed25519 key and only fails when verifying: check the point here.
+    point = _ed25519_point(x)
+    if point is None:
+        raise InvalidPublicKeyError("the Ed25519 key is not a canonically encoded point on the curve")
+    if _ed25519_small_order(*point):
+        # A small-order key lets one signature verify for many messages: no key of a wallet.
+        raise InvalidPublicKeyError("the Ed25519 key is a point of small order")
     try:
         return ed25519.Ed25519PublicKey.from_public_bytes(x)
     except ValueError as err:
         raise InvalidPublicKeyError("invalid Ed25519 public key") from err
+
+
+def _ed25519_point(encoded: bytes) -> tuple[int, int] | None:
+    """Decode an Ed25519 point (RFC 8032, 5.1.3); None when it is not canonical or not on the curve."""
+    y = int.from_bytes(encoded, "little") & ((1 << 255) - 1)
+    sign = encoded[31] >> 7
+    if y >= _ED_P:
+        return None
+    u, v = (y * y - 1) % _ED_P, (_ED_D * y * y + 1) % _ED_P
+    x2 = u * pow(v, -1, _ED_P) % _ED_P
+    x = pow(x2, (_ED_P + 3) // 8, _ED_P)
+    if (x * x - x2) % _ED_P:
+        x = x * _ED_SQRT_M1 % _ED_P
+        if (x * x - x2) % _ED_P:
+            return None
+    if x == 0 and sign:
+        return None
+    return (_ED_P - x if x & 1 != sign else x), y
+
+
+def _ed25519_small_order(x: int, y: int) -> bool:
+    """Whether 8 * (x, y) is the neutral element: the eight torsion points, whose keys are worthless."""
+    p, d = _ED_P, _ED_D
+    px, py, pz = x, y, 1
+    for _ in range(3):  # doubling in projective coordinates (the complete addition law, a = -1)
+        a = pz * pz % p
+        b = a * a % p
+        c, e = px * px % p, py * py % p
+        f, g = (b - d * c * e) % p, (b + d * c * e) % p
+        px, py, pz = a * f * ((px + py) * (px + py) - c - e) % p, a * g * (e + c) % p, f * g % p
+    return px == 0 and py == pz

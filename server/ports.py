@@ -6,8 +6,10 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Protocol
 
+from server.audit import AuditEvent, AuditRow
 from server.certs import IssuerPrivateKey
 from server.domain import Binding, Identity, IssuerRecord, OtpMessage, OtpRecord
+from server.limits import FailureState, Limits, RateRule
 
 
 class Clock(Protocol):
@@ -41,8 +43,13 @@ class IdentityStore(Protocol):
 
 
 class OtpStore(Protocol):
-    def replace_otp(self, otp: OtpRecord) -> None:
-        """Store ``otp`` and invalidate every other outstanding OTP of that individual and partner."""
+    def replace_otp(
+        self, otp: OtpRecord, *, send_limit: RateRule | None = None, audit: AuditEvent | None = None
+    ) -> None:
+        """Store ``otp`` and invalidate every other outstanding OTP of that individual and partner.
+
+        With ``send_limit``, count the send against the individual's limit in the same transaction and
+        raise ``RateLimited`` (writing nothing) when it is reached; ``audit`` is appended with the OTP."""
         ...
 
     def discard_otp(self, transaction_id: str, id_hmac: bytes) -> None: ...
@@ -69,11 +76,18 @@ class BindingStore(Protocol):
         ...
 
     def commit_binding(
-        self, binding: Binding, *, consume_otp: str | None, now: datetime, consume_nonce: str | None = None
+        self,
+        binding: Binding,
+        *,
+        consume_otp: str | None,
+        now: datetime,
+        consume_nonce: str | None = None,
+        audit: AuditEvent | None = None,
     ) -> None:
         """In one transaction: mark the OTP (and PoP nonce) used if given, supersede the active
-        binding for (individual, partner, factor), and insert ``binding``. Raises ``OtpAlreadyUsed``
-        and writes nothing when a check fails. The caller has claimed the key (``claim_key``) first."""
+        binding for (individual, partner, factor), insert ``binding`` and append ``audit``. Raises
+        ``OtpAlreadyUsed`` and writes nothing when a check fails. The caller has claimed the key
+        (``claim_key``) first."""
         ...
 
     def bindings_for(self, id_hmac: bytes, partner_id: str) -> Sequence[Binding]: ...
@@ -93,16 +107,27 @@ class BindingStore(Protocol):
         ...
 
     def revoke_binding(
-        self, id_hmac: bytes, partner_id: str, factor: str, *, reason: str, now: datetime, consume_otp: str | None
+        self,
+        id_hmac: bytes,
+        partner_id: str,
+        factor: str,
+        *,
+        reason: str,
+        now: datetime,
+        consume_otp: str | None,
+        audit: AuditEvent | None = None,
     ) -> Binding | None:
-        """In one transaction: mark the OTP used (if given) and revoke the active binding.
+        """In one transaction: mark the OTP used (if given), revoke the active binding and append ``audit``.
         Returns the revoked binding, or None (writing nothing) when there is no active one."""
         ...
 
 
 class ReplayCache(Protocol):
-    def claim_jti(self, id_hmac: bytes, jti: str, expires_at: datetime, now: datetime) -> bool:
-        """Record ``jti`` until ``expires_at``; False when it is already recorded and unexpired."""
+    def claim_jti(
+        self, id_hmac: bytes, jti: str, expires_at: datetime, now: datetime, *, audit: AuditEvent | None = None
+    ) -> bool:
+        """Record ``jti`` until ``expires_at`` (appending ``audit`` with it); False, writing nothing, when it
+        is already recorded and unexpired."""
         ...
 
 
@@ -120,6 +145,37 @@ class IssuerStore(Protocol):
         ...
 
 
+class LimitStore(Protocol):
+    """Abuse-limit counters, shared by every replica through the database."""
+
+    def identity_and_lock(self, id_hmac: bytes) -> tuple[Identity | None, datetime | None]:
+        """The identity (None when unknown) and the end of the individual's last lockout (None: never locked).
+
+        One query for a known individual: the lockout check costs the binding path no extra round trip."""
+        ...
+
+    def count_partner_otp_send(self, partner_id: str, now: datetime, rule: RateRule) -> int:
+        """Count one OTP request of the partner: 0 when within ``rule``, else the seconds until it may retry."""
+        ...
+
+    def record_auth_failure(
+        self, id_hmac: bytes, now: datetime, limits: Limits, *, audit: AuditEvent, lockout_audit: AuditEvent
+    ) -> FailureState:
+        """In one transaction: count a failed challenge, append ``audit``, and ``lockout_audit`` too when this
+        failure starts a lockout. Returns the new state."""
+        ...
+
+
+class AuditLog(Protocol):
+    def append_audit(self, event: AuditEvent) -> None:
+        """Append ``event`` to its chain in a transaction of its own (for events with no state change)."""
+        ...
+
+    def audit_rows(self, after: tuple[bytes, int] | None, limit: int) -> Sequence[AuditRow]:
+        """Up to ``limit`` entries after (chain_key, seq), ordered by chain_key then seq: every chain, paged."""
+        ...
+
+
 class Notifier(Protocol):
     def send(self, message: OtpMessage) -> None:
         """Deliver or raise ``DeliveryFailed``."""
@@ -132,6 +188,14 @@ class StoreConflict(Exception):
 
 class OtpAlreadyUsed(StoreConflict):
     """The OTP (or PoP nonce) was consumed (or replaced) by a concurrent request."""
+
+
+class RateLimited(StoreConflict):
+    """A limit was reached; nothing was written."""
+
+    def __init__(self, retry_after_seconds: int) -> None:
+        super().__init__(f"limit reached; retry after {retry_after_seconds} s")
+        self.retry_after_seconds = retry_after_seconds
 
 
 class KeyOwnedByOther(StoreConflict):

@@ -17,13 +17,12 @@ from server.app import App, build_app
 from server.config import Settings
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
+from server.grpc_api.decoding import MAX_WIRE_BYTES, DecodeErrors
 from server.grpc_api.servicer import KeyBinderServicer
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KeyBinderService"].full_name
-#: The largest request we parse; a JWK is at most 16 KiB and five challenges at most ~40 KiB.
-MAX_REQUEST_BYTES = 128 * 1024
 
 
 class Server:
@@ -50,12 +49,14 @@ class Server:
             metrics.enable()  # observability: record RPC and HSM metrics (served by server.metrics)
         self.app = build_app(self.settings)
         server = grpc.aio.server(
+            interceptors=[DecodeErrors()],
             options=[
-                ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+                # Up to MAX_WIRE_BYTES arrive; DecodeErrors refuses more than MAX_REQUEST_BYTES unparsed.
+                ("grpc.max_receive_message_length", MAX_WIRE_BYTES),
                 # gRPC enables SO_REUSEPORT by default; a second server on the same port must fail
                 # loudly rather than silently share it, unless it is one of our own workers.
                 ("grpc.so_reuseport", 1 if self._reuse_port else 0),
-            ]
+            ],
         )
         pb_grpc.add_KeyBinderServiceServicer_to_server(KeyBinderServicer(self.app.service, self._executor), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

@@ -10,12 +10,13 @@ import re
 import secrets
 import string
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import ParamSpec, TypeVar
 
 from cryptography import x509
 
+from server.audit import AuditEvent, Outcome, individual_event, partner_event, psut_subject
 from server.certs import Issuer, issue_wallet_certificate, to_pem, x5t_s256
 from server.challenges import OTP_LENGTH, Challenge, supported_formats, validate_challenges
 from server.domain import Binding, BindingStatus, Identity, OtpChannel, OtpMessage, OtpRecord
@@ -41,9 +42,12 @@ from server.errors import (
     SendOtpFailedError,
     Sha256ThumbprintMismatchError,
     TokenReplayedError,
+    TooManyAttemptsError,
 )
 from server.jwk import WalletPublicKey, parse_wallet_jwk
+from server.limits import Limits, seconds_until
 from server.ports import (
+    AuditLog,
     BackendFailure,
     BackendUnavailable,
     BindingStore,
@@ -54,10 +58,12 @@ from server.ports import (
     IssuerStore,
     KeyedHasher,
     KeyOwnedByOther,
+    LimitStore,
     NonceStore,
     Notifier,
     OtpAlreadyUsed,
     OtpStore,
+    RateLimited,
     ReplayCache,
 )
 from server.wla import TokenRules, VerifiedToken, check_claims, read_header, verify_possession, verify_signed
@@ -70,6 +76,17 @@ OTP_ALPHABET = string.ascii_uppercase + string.digits
 PARTNER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 DEFAULT_INDIVIDUAL_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}"
 REVOCATION_REASON_PATTERN = re.compile(r"[\x20-\x7e]{1,200}")
+#: Bounds on an individual ID whatever the configured pattern admits: it is hashed, logged nowhere, and
+#: must not carry control characters or be a vehicle for megabytes.
+MAX_INDIVIDUAL_ID_CHARS = 256
+#: email and phone, each perhaps spelt twice (case); more is not a real request.
+MAX_OTP_CHANNELS = 4
+
+# Audit actions (server/audit.py).
+ACTION_SEND_OTP = "send_binding_otp"
+ACTION_BIND = "do_key_binding"
+ACTION_VERIFY = "verify_wallet_token"
+ACTION_REVOKE = "revoke_binding"
 
 # MAC purposes: one HSM key, one label per meaning.
 MAC_ID = "individual-id"
@@ -94,6 +111,7 @@ class Policy:
     #: off / optional / required, per partner; partners not listed get the default.
     proof_of_possession: str = "optional"
     proof_of_possession_by_partner: tuple[tuple[str, str], ...] = ()
+    limits: Limits = field(default_factory=Limits)
 
     def pop_mode(self, partner_id: str) -> str:
         return dict(self.proof_of_possession_by_partner).get(partner_id, self.proof_of_possession)
@@ -142,6 +160,19 @@ def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+@dataclass(slots=True)
+class _Trail:
+    """What one request's audit entry needs, filled in as the request learns it."""
+
+    action: str
+    #: Set once the partner id is known to be well-formed (else the entry names no partner).
+    partner_id: str = ""
+    #: Set once the individual ID is hashed: from then on entries go to the individual's chain.
+    id_hmac: bytes | None = None
+    #: The outcome's entry is written already (with the state change it describes).
+    recorded: bool = False
+
+
 def backend_errors(method: Callable[P, T]) -> Callable[P, T]:
     """Turn a port's backend failure into the API's retryable (UNAVAILABLE) or internal error."""
 
@@ -172,6 +203,8 @@ class KeyBinderService:
         notifier: Notifier,
         replay: ReplayCache,
         nonces: NonceStore,
+        limit_store: LimitStore,
+        audit_log: AuditLog,
     ) -> None:
         self.policy = policy
         self.clock = clock
@@ -184,6 +217,8 @@ class KeyBinderService:
         self.notifier = notifier
         self.replay = replay
         self.nonces = nonces
+        self.limit_store = limit_store
+        self.audit_log = audit_log
         self._id_pattern = re.compile(policy.individual_id_pattern)
         self._issuer: Issuer | None = None
 
@@ -197,6 +232,8 @@ class KeyBinderService:
     def check_individual_id(self, individual_id: str) -> str:
         if not individual_id or not individual_id.strip():
             raise InvalidIndividualIdError("the individual ID is blank")
+        if len(individual_id) > MAX_INDIVIDUAL_ID_CHARS or not individual_id.isprintable():
+            raise InvalidIndividualIdError("the individual ID is malformed")
         if not self._id_pattern.fullmatch(individual_id):
             raise InvalidIndividualIdError("the individual ID is malformed")
         return individual_id
@@ -209,6 +246,44 @@ class KeyBinderService:
     def pin_hmac(self, id_hmac: bytes, pin: str) -> bytes:
         return self.hasher.mac(MAC_PIN, id_hmac, pin)
 
+    # -- audit trail ----------------------------------------------------------------------
+    # Policy: a success is never answered without its entry, which is written in the transaction of the
+    # state change (a failed write fails the request, retryable, and nothing is changed). A refusal is
+    # always answered as itself: its entry is written in a small transaction of its own (or with the
+    # failure counter), and if that write fails the refusal still goes out and the loss is logged at ERROR.
+
+    def _event(self, trail: _Trail, outcome: str, reason: str = "", subject: str = "") -> AuditEvent:
+        now = self.clock.now()
+        if trail.id_hmac is not None:
+            return individual_event(trail.id_hmac, now, trail.partner_id, trail.action, outcome, reason, subject)
+        return partner_event(now, trail.partner_id, trail.action, outcome, reason)
+
+    def _audited(self, trail: _Trail, work: Callable[[], T]) -> T:
+        """Run one request; append the entry of any refusal or failure its transactions did not write."""
+        try:
+            return work()
+        except KeyBinderError as err:
+            if not trail.recorded:
+                failed = isinstance(err, KeyBindingFailedError)
+                self._append_alone(self._event(trail, Outcome.ERROR if failed else Outcome.REFUSED, err.reason))
+            raise
+        except Exception:
+            if not trail.recorded:
+                self._append_alone(self._event(trail, Outcome.ERROR, KeyBindingFailedError.reason))
+            raise
+
+    def _append_alone(self, event: AuditEvent) -> None:
+        try:
+            self.audit_log.append_audit(event)
+        except Exception:
+            log.exception(
+                "audit entry lost: action=%s outcome=%s reason=%s partner=%s",
+                event.action,
+                event.outcome,
+                event.reason,
+                event.partner_id,
+            )
+
     # -- GetSupportedChallengeFormats ----------------------------------------------------
 
     def get_supported_challenge_formats(self, auth_factor_type: str) -> list[str]:
@@ -216,12 +291,26 @@ class KeyBinderService:
 
     # -- SendBindingOtp -------------------------------------------------------------------
 
-    @backend_errors
     def send_binding_otp(self, partner_id: str, individual_id: str, channels: Sequence[str]) -> SendOtpResult:
-        self.check_partner(partner_id)
+        trail = _Trail(ACTION_SEND_OTP)
+        return self._audited(trail, lambda: self._send_binding_otp(trail, partner_id, individual_id, channels))
+
+    @backend_errors
+    def _send_binding_otp(
+        self, trail: _Trail, partner_id: str, individual_id: str, channels: Sequence[str]
+    ) -> SendOtpResult:
+        trail.partner_id = self.check_partner(partner_id)
         self.check_individual_id(individual_id)
         wanted = self._parse_channels(channels)
-        id_hmac = self.id_hmac(individual_id)
+        # Counted for known and unknown individuals alike: this bounds how fast a partner can probe IDs.
+        wait = self.limit_store.count_partner_otp_send(
+            partner_id, self.clock.now(), self.policy.limits.otp_sends_per_partner
+        )
+        if wait:
+            raise TooManyAttemptsError(
+                "this partner has requested too many OTPs; retry later", retry_after_seconds=wait
+            )
+        id_hmac = trail.id_hmac = self.id_hmac(individual_id)
         identity = self.identities.get_identity(id_hmac)
         if identity is None:
             raise SendOtpFailedError("cannot send an OTP to this individual")
@@ -239,7 +328,16 @@ class KeyBinderService:
             expires_at=now + timedelta(seconds=self.policy.otp_ttl_seconds),
             max_attempts=self.policy.otp_max_attempts,
         )
-        self.otps.replace_otp(record)
+        try:
+            self.otps.replace_otp(
+                record,
+                send_limit=self.policy.limits.otp_sends_per_individual,
+                audit=self._event(trail, Outcome.SUCCESS),
+            )
+        except RateLimited as err:
+            raise TooManyAttemptsError(
+                "too many OTPs were sent to this individual; retry later", retry_after_seconds=err.retry_after_seconds
+            ) from err
         try:
             for channel, address in targets:
                 self.notifier.send(OtpMessage(channel, address, transaction_id, otp, now))
@@ -260,6 +358,8 @@ class KeyBinderService:
     def _parse_channels(channels: Sequence[str]) -> list[OtpChannel]:
         if not channels:
             raise InvalidOtpChannelError("at least one OTP channel (email, phone) is required")
+        if len(channels) > MAX_OTP_CHANNELS:
+            raise InvalidOtpChannelError(f"at most {MAX_OTP_CHANNELS} OTP channels may be named")
         wanted: list[OtpChannel] = []
         for name in channels:
             try:
@@ -282,7 +382,6 @@ class KeyBinderService:
 
     # -- DoKeyBinding ---------------------------------------------------------------------
 
-    @backend_errors
     def do_key_binding(
         self,
         partner_id: str,
@@ -292,8 +391,27 @@ class KeyBinderService:
         bind_auth_factor_type: str,
         proof_of_possession: str = "",
     ) -> KeyBindingResult:
+        trail = _Trail(ACTION_BIND)
+        return self._audited(
+            trail,
+            lambda: self._do_key_binding(
+                trail, partner_id, individual_id, challenges, public_key_jwk, bind_auth_factor_type, proof_of_possession
+            ),
+        )
+
+    @backend_errors
+    def _do_key_binding(
+        self,
+        trail: _Trail,
+        partner_id: str,
+        individual_id: str,
+        challenges: Sequence[Challenge],
+        public_key_jwk: str,
+        bind_auth_factor_type: str,
+        proof_of_possession: str,
+    ) -> KeyBindingResult:
         # Everything that can be checked without a secret is checked before any is touched.
-        self.check_partner(partner_id)
+        trail.partner_id = self.check_partner(partner_id)
         self.check_individual_id(individual_id)
         validate_challenges(challenges, self.policy.challenge_factors)
         if bind_auth_factor_type not in self.policy.bind_auth_factor_types:
@@ -304,9 +422,10 @@ class KeyBinderService:
         # The proof's shape and signature need no secret: check them before any attempt is counted.
         pop_nonce = self._proof_nonce(proof_of_possession, wallet.public_key, partner_id)
 
-        id_hmac = self.id_hmac(individual_id)
-        identity = self.identities.get_identity(id_hmac)
-        consumed_otp = self._verify(identity, individual_id, id_hmac, partner_id, challenges)
+        id_hmac = trail.id_hmac = self.id_hmac(individual_id)
+        identity, locked_until = self.limit_store.identity_and_lock(id_hmac)
+        self._check_lockout(locked_until)
+        consumed_otp = self._verify_counted(trail, identity, individual_id, id_hmac, partner_id, challenges)
         consumed_nonce = self._check_nonce(pop_nonce, id_hmac, partner_id, consumed_otp)
 
         psut = b64url(self.hasher.mac(MAC_PSUT, partner_id, individual_id))
@@ -345,7 +464,13 @@ class KeyBinderService:
             # on the key's row, so the binding's transaction touches one individual's rows only; a claim
             # whose binding then fails stays, naming the individual who proved who they are with it.
             self.bindings.claim_key(wallet.fingerprint, id_hmac, now)
-            self.bindings.commit_binding(binding, consume_otp=consumed_otp, now=now, consume_nonce=consumed_nonce)
+            self.bindings.commit_binding(
+                binding,
+                consume_otp=consumed_otp,
+                now=now,
+                consume_nonce=consumed_nonce,
+                audit=self._event(trail, Outcome.SUCCESS, subject=psut_subject(psut)),
+            )
         except OtpAlreadyUsed as err:
             if consumed_nonce is not None and err.args and err.args[0] == consumed_nonce:
                 raise InvalidProofOfPossessionError("the proof's nonce has already been used") from err
@@ -353,6 +478,42 @@ class KeyBinderService:
         except KeyOwnedByOther as err:
             raise DuplicatePublicKeyError("this public key is already bound to another individual") from err
         return KeyBindingResult(binding.certificate_pem, psut, binding.expires_at, thumbprint)
+
+    def _check_lockout(self, locked_until: datetime | None) -> None:
+        """Refuse before any challenge is looked at, so that even the right answer waits for the lockout."""
+        now = self.clock.now()
+        if locked_until is not None and locked_until > now:
+            raise TooManyAttemptsError(
+                "too many failed attempts for this individual; retry later",
+                retry_after_seconds=seconds_until(locked_until, now),
+            )
+
+    def _verify_counted(
+        self,
+        trail: _Trail,
+        identity: Identity | None,
+        individual_id: str,
+        id_hmac: bytes,
+        partner_id: str,
+        challenges: Sequence[Challenge],
+    ) -> str | None:
+        """``_verify``; a failure is counted towards the individual's lockout, with its audit entry."""
+        try:
+            return self._verify(identity, individual_id, id_hmac, partner_id, challenges)
+        except AuthFailedError as err:
+            try:
+                self.limit_store.record_auth_failure(
+                    id_hmac,
+                    self.clock.now(),
+                    self.policy.limits,
+                    audit=self._event(trail, Outcome.REFUSED, err.reason),
+                    lockout_audit=self._event(trail, Outcome.LOCKED, TooManyAttemptsError.reason),
+                )
+                trail.recorded = True
+            except (BackendUnavailable, BackendFailure):
+                # The caller still learns that authentication failed; the lost count is logged, not hidden.
+                log.exception("a failed challenge could not be counted")
+            raise
 
     def _verify(
         self,
@@ -424,7 +585,14 @@ class KeyBinderService:
         raise InvalidProofOfPossessionError("the proof's nonce was not issued for this binding or has expired")
 
     def _verify_wla(
-        self, token: str, individual_id: str, id_hmac: bytes, partner_id: str, factor: str, audience: str
+        self,
+        token: str,
+        individual_id: str,
+        id_hmac: bytes,
+        partner_id: str,
+        factor: str,
+        audience: str,
+        trail: _Trail | None = None,
     ) -> tuple[Binding, VerifiedToken]:
         """All WLA rules, in order; raises the precise error. The jti is claimed last."""
         header = read_header(token)
@@ -448,25 +616,34 @@ class KeyBinderService:
         if audience != rules.audience:
             rules = TokenRules(audience, rules.skew_seconds, rules.max_lifetime_seconds)
         verified = check_claims(payload, subject=individual_id, rules=rules, now=now)
-        if not self.replay.claim_jti(id_hmac, verified.jti, verified.expires_at, now):
+        audit = self._event(trail, Outcome.SUCCESS, subject=psut_subject(active.psut)) if trail is not None else None
+        if not self.replay.claim_jti(id_hmac, verified.jti, verified.expires_at, now, audit=audit):
             raise TokenReplayedError("this token has already been used")
         return active, verified
 
     # -- VerifyWalletToken ----------------------------------------------------------------
 
-    @backend_errors
     def verify_wallet_token(
         self, partner_id: str, token: str, individual_id: str, expected_audience: str, factor: str
     ) -> WalletTokenResult:
-        self.check_partner(partner_id)
+        trail = _Trail(ACTION_VERIFY)
+        return self._audited(
+            trail,
+            lambda: self._verify_wallet_token(trail, partner_id, token, individual_id, expected_audience, factor),
+        )
+
+    @backend_errors
+    def _verify_wallet_token(
+        self, trail: _Trail, partner_id: str, token: str, individual_id: str, expected_audience: str, factor: str
+    ) -> WalletTokenResult:
+        trail.partner_id = self.check_partner(partner_id)
         self.check_individual_id(individual_id)
         factor = self._factor(factor)
         audience = expected_audience or self.policy.wla_audience
         if len(audience) > 256:
             raise InvalidWlaTokenError("expected_audience is too long")
-        binding, verified = self._verify_wla(
-            token, individual_id, self.id_hmac(individual_id), partner_id, factor, audience
-        )
+        id_hmac = trail.id_hmac = self.id_hmac(individual_id)
+        binding, verified = self._verify_wla(token, individual_id, id_hmac, partner_id, factor, audience, trail)
         return WalletTokenResult(
             psut=binding.psut,
             thumbprint=binding.cert_thumbprint,
@@ -485,22 +662,43 @@ class KeyBinderService:
 
     # -- RevokeBinding, GetBinding, GetBindingNonce ---------------------------------------
 
-    @backend_errors
     def revoke_binding(
         self, partner_id: str, individual_id: str, challenges: Sequence[Challenge], reason: str, factor: str
     ) -> Binding:
-        self.check_partner(partner_id)
+        trail = _Trail(ACTION_REVOKE)
+        return self._audited(
+            trail, lambda: self._revoke_binding(trail, partner_id, individual_id, challenges, reason, factor)
+        )
+
+    @backend_errors
+    def _revoke_binding(
+        self,
+        trail: _Trail,
+        partner_id: str,
+        individual_id: str,
+        challenges: Sequence[Challenge],
+        reason: str,
+        factor: str,
+    ) -> Binding:
+        trail.partner_id = self.check_partner(partner_id)
         self.check_individual_id(individual_id)
         validate_challenges(challenges, self.policy.challenge_factors)
         factor = self._factor(factor)
         if not REVOCATION_REASON_PATTERN.fullmatch(reason):
             raise InvalidRevocationReasonError("reason must be 1 to 200 printable characters")
-        id_hmac = self.id_hmac(individual_id)
-        identity = self.identities.get_identity(id_hmac)
-        consumed_otp = self._verify(identity, individual_id, id_hmac, partner_id, challenges)
+        id_hmac = trail.id_hmac = self.id_hmac(individual_id)
+        identity, locked_until = self.limit_store.identity_and_lock(id_hmac)
+        self._check_lockout(locked_until)
+        consumed_otp = self._verify_counted(trail, identity, individual_id, id_hmac, partner_id, challenges)
         try:
             revoked = self.bindings.revoke_binding(
-                id_hmac, partner_id, factor, reason=reason, now=self.clock.now(), consume_otp=consumed_otp
+                id_hmac,
+                partner_id,
+                factor,
+                reason=reason,
+                now=self.clock.now(),
+                consume_otp=consumed_otp,
+                audit=self._event(trail, Outcome.SUCCESS),
             )
         except OtpAlreadyUsed as err:
             raise AuthFailedError("authentication failed") from err

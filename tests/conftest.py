@@ -70,6 +70,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+#: Abuse limits no ordinary test reaches (many tests send OTPs or fail challenges for one partner).
+LOOSE_LIMITS: dict[str, Any] = {
+    "otp_sends_per_individual": 1_000_000,
+    "otp_sends_per_partner_per_minute": 10_000_000,
+    "auth_failures_before_lockout": 1_000_000,
+}
+
+
 PG_ADMIN_URL = os.environ.get("KEYBINDER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
 
@@ -104,6 +112,8 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
         data_dir=data_dir,
         otp_ttl_seconds=60,
         proof_of_possession_by_partner={POP_REQUIRED_PARTNER: "required", POP_OFF_PARTNER: "off"},
+        # The shared server's abuse limits stay out of the other tests' way; test_limits.py sets tight ones.
+        **LOOSE_LIMITS,
     )
     initialise(cfg)
     return cfg

@@ -8,7 +8,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
-from server.serve import MAX_REQUEST_BYTES, SERVICE_NAME
+from server.grpc_api.decoding import MAX_REQUEST_BYTES, MAX_WIRE_BYTES
+from server.serve import SERVICE_NAME
 from tests.conftest import Person, RunningServer, bind_request, failure, md, otp_challenge
 
 
@@ -40,9 +41,17 @@ def test_reflection_serves_the_descriptor(kb: RunningServer) -> None:
 
 
 def test_oversized_request_is_refused_before_parsing(kb: RunningServer, person: Person) -> None:
+    # Over our limit: refused unparsed, with the reason of the field that made it large.
     huge = "x" * (MAX_REQUEST_BYTES + 1)
+    f = failure(lambda: kb.stub.DoKeyBinding(bind_request(person, huge, otp_challenge("ABC123")), metadata=md()))
+    assert (f.code, f.reason, f.metadata) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid_public_key",
+        {"field": "public_key_jwk"},
+    )
+    # Over gRPC's own limit: refused by gRPC before it is even buffered whole.
     with pytest.raises(grpc.RpcError) as info:
-        kb.stub.DoKeyBinding(bind_request(person, huge, otp_challenge("ABC123")), metadata=md(), timeout=5)
+        kb.stub.DoKeyBinding(bind_request(person, "x" * MAX_WIRE_BYTES, otp_challenge("ABC123")), metadata=md())
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 

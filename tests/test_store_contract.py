@@ -21,8 +21,19 @@ import pytest
 from psycopg import sql
 from yoyo import get_backend, read_migrations
 
+from server.audit import (
+    ADMIN_CHAIN,
+    GENESIS,
+    AuditEvent,
+    AuditRow,
+    admin_event,
+    individual_event,
+    partner_event,
+    verify_chains,
+)
 from server.domain import Binding, BindingStatus, Identity, IssuerRecord, OtpRecord
-from server.ports import KeyOwnedByOther, OtpAlreadyUsed, StoreConflict, StoreUnavailable
+from server.limits import Limits, RateRule
+from server.ports import KeyOwnedByOther, OtpAlreadyUsed, RateLimited, StoreConflict, StoreUnavailable
 from server.stores import postgres as pg
 from server.stores import sqlite as lite
 from server.stores.postgres import PostgresStore
@@ -38,7 +49,10 @@ OTHER_PARTNER = "wallet-b"
 T0 = datetime(2031, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
 #: Every join in the races is bounded: a deadlock fails the test instead of hanging it.
 RACE_TIMEOUT_SECONDS = 30.0
-TABLES = ("individuals", "otps", "bindings", "wallet_keys", "issuers", "wla_jtis", "binding_nonces")
+TABLES = (
+    *("individuals", "otps", "bindings", "wallet_keys", "issuers", "wla_jtis", "binding_nonces"),
+    *("individual_limits", "partner_limits", "audit_log"),
+)
 
 
 # -- fixtures ---------------------------------------------------------------------------------
@@ -531,6 +545,170 @@ def test_times_round_trip_as_utc_with_microseconds(store: Store) -> None:
     assert (revoked.revoked_at, issuer.not_after, issuer.created_at) == (t, t, t)
 
 
+# -- abuse limits and audit trail ---------------------------------------------------------------
+
+LIMITS = Limits(RateRule(2, 600), RateRule(3, 60), RateRule(3, 900), lockout_seconds=300)
+
+
+def all_audit_rows(store: Store) -> list[AuditRow]:
+    rows: list[AuditRow] = []
+    after: tuple[bytes, int] | None = None
+    while page := store.audit_rows(after, 2):  # small pages: the paging itself is under test
+        rows += page
+        after = (page[-1].chain_key, page[-1].seq)
+    return rows
+
+
+def fail(store: Store, id_hmac: bytes, at: datetime) -> tuple[datetime | None, int]:
+    state = store.record_auth_failure(
+        id_hmac,
+        at,
+        LIMITS,
+        audit=individual_event(id_hmac, at, PARTNER, "do_key_binding", "refused", "auth_failed"),
+        lockout_audit=individual_event(id_hmac, at, PARTNER, "do_key_binding", "locked", "too_many_attempts"),
+    )
+    return state.locked_until, state.window.count
+
+
+@contract
+def test_identity_and_lock(store: Store) -> None:
+    known, unknown = new_id(), new_id()
+    identity = Identity(known, "a@example.org", None, "A", b"pin")
+    store.upsert_identity(identity)
+    assert store.identity_and_lock(known) == (identity, None)
+    assert store.identity_and_lock(unknown) == (None, None)
+    for n in range(3):
+        fail(store, known, T0 + timedelta(seconds=n))
+        fail(store, unknown, T0 + timedelta(seconds=n))
+    until = T0 + timedelta(seconds=2 + 300)
+    assert store.identity_and_lock(known) == (identity, until)
+    assert store.identity_and_lock(unknown) == (None, until)  # unknown IDs lock out alike: nothing to enumerate
+    assert_utc(store.identity_and_lock(known)[1])
+
+
+@contract
+def test_failures_lock_out_and_the_window_expires(store: Store) -> None:
+    id_hmac = new_id()
+    assert fail(store, id_hmac, T0) == (None, 1)
+    assert fail(store, id_hmac, T0 + timedelta(seconds=899)) == (None, 2)
+    # The window started at T0 and has ended: counting starts afresh.
+    assert fail(store, id_hmac, T0 + timedelta(seconds=900)) == (None, 1)
+    assert fail(store, id_hmac, T0 + timedelta(seconds=901)) == (None, 2)
+    at = T0 + timedelta(seconds=902)
+    assert fail(store, id_hmac, at) == (at + timedelta(seconds=300), 0)  # the third failure locks, anew
+    rows = [r for r in all_audit_rows(store) if r.chain_key == id_hmac]
+    assert [(r.seq, r.outcome) for r in rows] == [(n, "refused") for n in range(1, 6)] + [(6, "locked")]
+    # A failure counted after the lockout (a racing request) keeps its end: success or not, nothing shortens it.
+    assert fail(store, id_hmac, at + timedelta(seconds=1)) == (at + timedelta(seconds=300), 1)
+
+
+@contract
+def test_partner_otp_send_rate(store: Store) -> None:
+    rule = RateRule(3, 60)
+    assert [store.count_partner_otp_send(PARTNER, T0 + timedelta(seconds=n), rule) for n in range(4)] == [0, 0, 0, 57]
+    assert store.count_partner_otp_send(PARTNER, T0 + timedelta(seconds=59, microseconds=1), rule) == 1
+    assert store.count_partner_otp_send(OTHER_PARTNER, T0, rule) == 0  # per partner
+    assert store.count_partner_otp_send(PARTNER, T0 + timedelta(seconds=60), rule) == 0  # a new window
+    # A clock stepped back behind the window's start does not lock the partner out for it.
+    assert store.count_partner_otp_send(PARTNER, T0, rule) == 0
+
+
+@contract
+def test_individual_otp_send_limit_refuses_and_writes_nothing(store: Store) -> None:
+    id_hmac = new_id()
+    rule = RateRule(2, 600)
+    first, second, third = (make_otp(id_hmac, created_at=T0 + timedelta(seconds=n)) for n in range(3))
+    sent = individual_event(id_hmac, T0, PARTNER, "send_binding_otp", "success")
+    store.replace_otp(first, send_limit=rule, audit=sent)
+    store.replace_otp(make_otp(id_hmac, OTHER_PARTNER), send_limit=rule)  # per individual, whichever partner
+    with pytest.raises(RateLimited) as refused:
+        store.replace_otp(second, send_limit=rule, audit=sent)
+    assert refused.value.retry_after_seconds == 599
+    assert store.otp_state(second.transaction_id) is None
+    assert store.otp_state(first.transaction_id) == ("pending", 0)
+    assert len(all_audit_rows(store)) == 1  # the refused send's entry was rolled back with it
+    store.replace_otp(replace(third, created_at=T0 + timedelta(seconds=600)), send_limit=rule, audit=sent)
+    assert store.otp_state(third.transaction_id) == ("pending", 0)
+
+
+@contract
+def test_audit_entries_chain_per_key_and_commit_with_their_state(store: Store) -> None:
+    alice, bob = new_id(), new_id()
+    ok = individual_event(alice, T0, PARTNER, "do_key_binding", "success", subject="psut:x")
+    store.commit_binding(make_binding(alice), consume_otp=None, now=T0, audit=ok)
+    # A check that fails writes no entry: the audit never says more than the state.
+    with pytest.raises(OtpAlreadyUsed):
+        store.commit_binding(make_binding(alice), consume_otp="spent", now=T0, audit=ok)
+    store.revoke_binding(alice, PARTNER, "WLA", reason="r", now=T0, consume_otp=None, audit=ok)
+    assert store.revoke_binding(alice, PARTNER, "WLA", reason="r", now=T0, consume_otp=None, audit=ok) is None
+    exp = T0 + timedelta(minutes=1)
+    assert store.claim_jti(bob, "j", exp, T0, audit=individual_event(bob, T0, PARTNER, "verify", "success"))
+    assert not store.claim_jti(bob, "j", exp, T0, audit=individual_event(bob, T0, PARTNER, "verify", "success"))
+    store.append_audit(partner_event(T0, PARTNER, "send_binding_otp", "refused", "too_many_attempts"))
+    store.append_audit(individual_event(bob, T0, PARTNER, "verify", "refused", "token_replayed"))
+    store.append_audit(admin_event(T0, "identities_import", subject="2 identities"))
+
+    rows = all_audit_rows(store)
+    chains = {r.chain_key: [x.seq for x in rows if x.chain_key == r.chain_key] for r in rows}
+    assert chains == {alice: [1, 2], bob: [1, 2], b"partner:" + PARTNER.encode(): [1], ADMIN_CHAIN: [1]}
+    assert [r.hash for r in rows if r.seq == 1 and r.prev_hash != GENESIS] == []
+    report = verify_chains(rows)
+    assert (report.chains, report.entries, report.broken) == (4, 6, [])
+    first = next(r for r in rows if r.chain_key == alice)
+    assert (first.partner_id, first.action, first.outcome, first.subject, first.at) == (
+        PARTNER,
+        "do_key_binding",
+        "success",
+        "psut:x",
+        T0,
+    )
+    assert_utc(first.at)
+
+
+def test_audit_log_is_append_only(store: Store) -> None:
+    store.append_audit(admin_event(T0, "init"))
+    if isinstance(store, SqliteStore):
+        with sqlite3.connect(store.path) as db, pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            db.execute("UPDATE audit_log SET reason = 'x'")
+    else:
+        with psycopg.connect(store.url, autocommit=True) as conn, pytest.raises(psycopg.Error, match="append-only"):
+            conn.execute("DELETE FROM audit_log")
+    assert len(all_audit_rows(store)) == 1
+
+
+def test_parallel_audit_appends_to_one_chain_keep_it_whole(store: Store) -> None:
+    id_hmac = new_id()
+
+    def append(i: int) -> None:
+        if i % 2:
+            store.append_audit(partner_event(T0, PARTNER, "send_binding_otp", "refused", "invalid_otp_channel"))
+        else:
+            fail(store, id_hmac, T0)
+
+    results = race(8, append)
+    assert [r for r in results if isinstance(r, Exception)] == []
+    rows = all_audit_rows(store)
+    assert len(rows) == 4 + 4 + 1  # the third failure also wrote the lockout entry
+    assert verify_chains(rows).broken == []
+
+
+def test_audit_event_fields_are_all_hashed() -> None:
+    event = AuditEvent(b"k", T0, "p", "a", "o", "r", "s")
+    variants = [
+        replace(event, chain_key=b"K"),
+        replace(event, at=T0 + timedelta(microseconds=1)),
+        replace(event, partner_id="x"),
+        replace(event, action="x"),
+        replace(event, outcome="x"),
+        replace(event, reason="x"),
+        replace(event, subject="x"),
+    ]
+    payloads = {event.payload(), *(v.payload() for v in variants)}
+    assert len(payloads) == 1 + len(variants)
+    # Length prefixes: moving a character from one field to the next changes the payload.
+    assert replace(event, partner_id="pa", action="").payload() != replace(event, partner_id="p", action="a").payload()
+
+
 # -- races (real threads) -------------------------------------------------------------------------
 
 
@@ -629,7 +807,8 @@ def test_pg_migration_0002_alters_in_place_without_losing_rows() -> None:
                 )
             before = {t: conn.execute(select_all(t)).fetchall() for t in TABLES[:5]}
 
-        assert pg.migrate(url) == 2  # 0002 and 0003, in place
+        # Every migration after 0001, in place.
+        assert pg.migrate(url) == len(list(Path(pg.migrations_dir()).glob("*.sql"))) - 1
         assert pg.migrate(url) == 0
 
         with psycopg.connect(url, autocommit=True) as conn:
@@ -718,7 +897,9 @@ def test_pg_recovers_from_dropped_connections(pg_url: str) -> None:
 
 # -- PostgreSQL only: every statement on a per-individual table names the individual ----------
 
-PER_INDIVIDUAL_TABLES = {"individuals", "otps", "bindings", "wla_jtis", "binding_nonces"}
+PER_INDIVIDUAL_TABLES = {"individuals", "otps", "bindings", "wla_jtis", "binding_nonces", "individual_limits"}
+#: Keyed by chain_key, which for an individual's chain is its id_hmac (partner and admin chains have their own).
+PER_CHAIN_TABLES = {"audit_log"}
 #: Statements allowed to run without id_hmac; the store explains each one where it defines it.
 NOT_SHARD_KEYED = {
     pg.SQL_COUNT_IDENTITIES: "admin count of every individual",
@@ -726,24 +907,25 @@ NOT_SHARD_KEYED = {
     pg.SQL_OTP_STATE: "test helper, by transaction id",
     pg.SQL_BINDING_BY_THUMBPRINT: "lookup by certificate: the thumbprint does not reveal the id_hmac",
     pg.SQL_LATEST_BINDING_BY_PSUT: "lookup by PSUT: the PSUT does not reveal the id_hmac",
+    pg.SQL_AUDIT_PAGE: "admin: `audit verify` and `audit export` walk every chain",
     **dict.fromkeys(pg.COUNT_SQL.values(), "admin row count"),
 }
 
 
 def tables_of(statement: str) -> set[str]:
-    return set(re.findall(r"\b(?:from|into|(?<!for )update|join)\s+([a-z_]+)", statement))
+    return set(re.findall(r"\b(?:from|into|(?<!for )(?<!do )update|join)\s+([a-z_]+)", statement))
 
 
-def keyed_by_id_hmac(statement: str) -> bool:
+def keyed_by_id_hmac(statement: str, column: str = "id_hmac") -> bool:
     """An INSERT whose row carries id_hmac, or a top-level ``id_hmac = %s`` conjunct in the WHERE clause."""
     if statement.startswith("insert into "):
         columns = statement[statement.index("(") + 1 : statement.index(")")]
-        return "id_hmac" in [c.strip() for c in columns.split(",")]
+        return column in [c.strip() for c in columns.split(",")]
     where = statement.partition(" where ")[2]
     where = re.split(r" (?:order by|returning|limit|for update)\b", where)[0]
     if not where or re.search(r"\bor\b", where):
         return False
-    return any(c.strip() == "id_hmac = %s" for c in re.split(r"\band\b", where))
+    return any(c.strip() == f"{column} = %s" for c in re.split(r"\band\b", where))
 
 
 def test_keyed_by_id_hmac_checker() -> None:
@@ -782,22 +964,30 @@ def test_pg_statements_on_per_individual_tables_filter_by_id_hmac(pg_url: str, m
             continue  # the test's own reset between flows
         if tables_of(normal) & PER_INDIVIDUAL_TABLES and not keyed_by_id_hmac(normal):
             offending.append(statement)
+        if tables_of(normal) & PER_CHAIN_TABLES and not keyed_by_id_hmac(normal, "chain_key"):
+            offending.append(statement)
     assert offending == []
 
 
 def id_hmac_params(statement: str, params: Any) -> list[Any]:
-    """The values a (normalised) statement passes for id_hmac: an INSERT's id_hmac column, or each
-    ``id_hmac = %s`` comparison."""
+    """The values a (normalised) statement passes for id_hmac, or for chain_key (an individual's audit
+    chain is keyed by its id_hmac): an INSERT's column, or each ``column = %s`` / ``%(name)s`` comparison."""
     if not params:
         return []
+    if isinstance(params, dict):
+        names = set(re.findall(r"\b(?:id_hmac|chain_key) = %\((\w+)\)s", statement))
+        if statement.startswith("insert into ") and "chain_key" in statement.split("(", 2)[1]:
+            names.add("key")  # INSERT ... SELECT %(key)s, ...: the first selected value is the chain key
+        return [params[n] for n in names]
     if statement.startswith("insert into "):
         columns = [c.strip() for c in statement[statement.index("(") + 1 : statement.index(")")].split(",")]
-        if "id_hmac" not in columns:
+        column = next((c for c in ("id_hmac", "chain_key") if c in columns), None)
+        if column is None:
             return []
         values = statement.split(" values (", 1)[1].split(",")
-        index = columns.index("id_hmac")
+        index = columns.index(column)
         return [params[sum(v.strip() == "%s" for v in values[:index])]]
-    return [params[statement[: m.start()].count("%s")] for m in re.finditer(r"\bid_hmac = %s", statement)]
+    return [params[statement[: m.start()].count("%s")] for m in re.finditer(r"\b(?:id_hmac|chain_key) = %s", statement)]
 
 
 def test_pg_each_write_transaction_stays_on_one_individuals_shard(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -840,7 +1030,7 @@ def test_pg_each_write_transaction_stays_on_one_individuals_shard(pg_url: str, m
         if any(q.startswith("truncate") for q, _ in statements):
             continue
         if tables & PER_INDIVIDUAL_TABLES:
-            assert tables <= PER_INDIVIDUAL_TABLES, f"a transaction mixes shards: {sorted(tables)}"
+            assert tables <= PER_INDIVIDUAL_TABLES | PER_CHAIN_TABLES, f"a transaction mixes shards: {sorted(tables)}"
             keys = {bytes(v) for q, params in statements for v in id_hmac_params(q, params)}
             assert len(keys) == 1, f"a transaction touches {len(keys)} individuals: {[q for q, _ in statements]}"
             checked += 1

@@ -7,10 +7,21 @@ from pathlib import Path
 from typing import Protocol
 
 from server.domain import Binding
-from server.ports import BindingStore, IdentityStore, IssuerStore, NonceStore, OtpStore, ReplayCache
+from server.ports import (
+    AuditLog,
+    BindingStore,
+    IdentityStore,
+    IssuerStore,
+    LimitStore,
+    NonceStore,
+    OtpStore,
+    ReplayCache,
+)
 
 
-class Store(IdentityStore, OtpStore, BindingStore, IssuerStore, ReplayCache, NonceStore, Protocol):
+class Store(
+    IdentityStore, OtpStore, BindingStore, IssuerStore, ReplayCache, NonceStore, LimitStore, AuditLog, Protocol
+):
     """Everything one backend module provides: every port, plus what operators and tests need."""
 
     def ping(self) -> None: ...

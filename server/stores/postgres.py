@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -15,8 +16,10 @@ from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 from yoyo import get_backend, read_migrations
 
+from server.audit import GENESIS, AuditEvent, AuditRow
 from server.domain import Binding, BindingStatus, Identity, IssuerRecord, OtpRecord
-from server.ports import KeyOwnedByOther, OtpAlreadyUsed, StoreUnavailable
+from server.limits import FailureState, Limits, RateRule, Window, after_failure, seconds_until
+from server.ports import KeyOwnedByOther, OtpAlreadyUsed, RateLimited, StoreUnavailable
 
 T = TypeVar("T")
 Conn = psycopg.Connection[TupleRow]
@@ -32,7 +35,10 @@ STATEMENT_TIMEOUT_MS: Final = 30_000
 #: First key of KeyBinder's two-key advisory locks ("KB"), so they are recognisable in pg_locks.
 LOCK_NAMESPACE: Final = 0x4B42
 
-TABLES: Final = ("individuals", "otps", "bindings", "wallet_keys", "issuers", "wla_jtis", "binding_nonces")
+TABLES: Final = (
+    *("individuals", "otps", "bindings", "wallet_keys", "issuers", "wla_jtis", "binding_nonces"),
+    *("individual_limits", "partner_limits", "audit_log"),
+)
 
 # -- SQL ------------------------------------------------------------------------------------
 # Every statement is a module constant (SQL_*), so the sharding test can check that it has seen each one.
@@ -157,6 +163,62 @@ SQL_ADD_ISSUER: Final = (
 SQL_ISSUERS: Final = (
     "SELECT key_label, key_kind, certificate_pem, not_after, created_at FROM issuers ORDER BY created_at DESC"
 )
+
+# -- abuse limits and the audit trail (see server/limits.py, server/audit.py) --
+# The lockout is read with the identity: a LEFT JOIN on the same key, so the binding path pays no extra
+# round trip for it. (individual_limits is distributed by id_hmac too, so the join stays on one shard.)
+SQL_IDENTITY_AND_LOCK: Final = (
+    "SELECT email, phone, name, pin_hmac, locked_until FROM individuals LEFT JOIN individual_limits USING (id_hmac)"
+    " WHERE id_hmac = %s"
+)
+SQL_LOCKED_UNTIL: Final = "SELECT locked_until FROM individual_limits WHERE id_hmac = %s"
+SQL_FAILURE_STATE: Final = "SELECT fail_window_start, failures, locked_until FROM individual_limits WHERE id_hmac = %s"
+SQL_SAVE_FAILURE_STATE: Final = (
+    "INSERT INTO individual_limits (id_hmac, fail_window_start, failures, locked_until) VALUES (%s, %s, %s, %s)"
+    " ON CONFLICT (id_hmac) DO UPDATE SET fail_window_start = excluded.fail_window_start,"
+    " failures = excluded.failures, locked_until = excluded.locked_until"
+)
+# One statement counts a send: a window that ended (or lies in the future: the clock stepped back) starts
+# afresh at 1; otherwise the count goes up, but never past limit + 1, which means "refused" (server.limits
+# applies the same window rule to failures). Parameters: key, now, expired (= now - window), now, limit.
+_COUNT_SEND: Final = (
+    " ON CONFLICT ({key}) DO UPDATE SET"
+    " otp_window_start = CASE WHEN l.otp_window_start IS NULL OR l.otp_window_start <= %s"
+    " OR l.otp_window_start > %s THEN excluded.otp_window_start ELSE l.otp_window_start END,"
+    " otp_sends = CASE WHEN l.otp_window_start IS NULL OR l.otp_window_start <= %s OR l.otp_window_start > %s THEN 1"
+    " WHEN l.otp_sends <= %s THEN l.otp_sends + 1 ELSE l.otp_sends END"
+    " RETURNING otp_window_start, otp_sends"
+)
+# In the OTP's transaction, under the individual's lock.
+SQL_COUNT_INDIVIDUAL_SEND: Final = (
+    "INSERT INTO individual_limits AS l (id_hmac, otp_window_start, otp_sends) VALUES (%s, %s, 1)"  # noqa: S608 (fixed names)
+    + _COUNT_SEND.format(key="id_hmac")
+)
+# partner_limits is distributed by partner_id: this single statement is its own transaction on the
+# partner's key, never joined with an individual's rows (a concurrent upsert of the row waits for this one).
+SQL_COUNT_PARTNER_SEND: Final = (
+    "INSERT INTO partner_limits AS l (partner_id, otp_window_start, otp_sends) VALUES (%s, %s, 1)"  # noqa: S608 (fixed names)
+    + _COUNT_SEND.format(key="partner_id")
+)
+# Appends after the chain's last entry (or the genesis hash) and computes the new entry's hash in the same
+# statement: sha256(prev_hash || int8send(seq) || payload) is server.audit.link_hash. One round trip per
+# entry. Writers of one chain are serialized by the individual's (or the chain's) advisory lock; the
+# primary key (chain_key, seq) would refuse a duplicate seq anyway.
+SQL_APPEND_AUDIT: Final = (
+    "INSERT INTO audit_log (chain_key, seq, at, partner_id, action, outcome, reason, subject, prev_hash, hash)"
+    " SELECT %(key)s, h.seq + 1, %(at)s, %(partner)s, %(action)s, %(outcome)s, %(reason)s, %(subject)s, h.hash,"
+    " sha256(h.hash || int8send(h.seq + 1) || %(payload)s)"
+    " FROM (SELECT coalesce((SELECT seq FROM audit_log WHERE chain_key = %(key)s ORDER BY seq DESC LIMIT 1), 0)"
+    " AS seq, coalesce((SELECT hash FROM audit_log WHERE chain_key = %(key)s ORDER BY seq DESC LIMIT 1),"
+    " %(genesis)s) AS hash) AS h"
+)
+# Admin only (`keybinder audit verify/export`): walks every chain in pages, so it fans out to every shard.
+SQL_AUDIT_PAGE: Final = (
+    "SELECT id, chain_key, seq, at, partner_id, action, outcome, reason, subject, prev_hash, hash"
+    " FROM audit_log WHERE (chain_key, seq) > (%s, %s) ORDER BY chain_key, seq LIMIT %s"
+)
+#: First key of the advisory locks of partner and admin chains ("KA"); an individual's chain uses its lock.
+AUDIT_LOCK_NAMESPACE: Final = 0x4B41
 
 # Admin and test helper only: whole-table counts fan out to every shard.
 COUNT_SQL: Final = {table: f"SELECT count(*) FROM {table}" for table in TABLES}  # noqa: S608 (fixed names)
@@ -353,9 +415,13 @@ class PostgresStore:
 
     # -- OTPs -----------------------------------------------------------------------------
 
-    def replace_otp(self, otp: OtpRecord) -> None:
+    def replace_otp(
+        self, otp: OtpRecord, *, send_limit: RateRule | None = None, audit: AuditEvent | None = None
+    ) -> None:
         def work(cur: Cur) -> None:
             self._lock_individual(cur, otp.id_hmac)
+            if send_limit is not None:
+                self._count_otp_send(cur, otp.id_hmac, otp.created_at, send_limit)
             cur.execute(SQL_REPLACE_PENDING_OTP, (otp.id_hmac, otp.partner_id))
             cur.execute(
                 SQL_INSERT_OTP,
@@ -369,6 +435,8 @@ class PostgresStore:
                     otp.max_attempts,
                 ),
             )
+            if audit is not None:
+                self._append_audit(cur, audit)
 
         self._run(work, write=True)
 
@@ -440,7 +508,13 @@ class PostgresStore:
             raise KeyOwnedByOther(key_fingerprint)
 
     def commit_binding(
-        self, binding: Binding, *, consume_otp: str | None, now: datetime, consume_nonce: str | None = None
+        self,
+        binding: Binding,
+        *,
+        consume_otp: str | None,
+        now: datetime,
+        consume_nonce: str | None = None,
+        audit: AuditEvent | None = None,
     ) -> None:
         b = binding
 
@@ -464,6 +538,8 @@ class PostgresStore:
                     _utc(b.expires_at),
                 ),
             )
+            if audit is not None:
+                self._append_audit(cur, audit)
 
         self._run(work, write=True)
 
@@ -487,7 +563,15 @@ class PostgresStore:
         return _binding(rows[0]) if rows else None
 
     def revoke_binding(
-        self, id_hmac: bytes, partner_id: str, factor: str, *, reason: str, now: datetime, consume_otp: str | None
+        self,
+        id_hmac: bytes,
+        partner_id: str,
+        factor: str,
+        *,
+        reason: str,
+        now: datetime,
+        consume_otp: str | None,
+        audit: AuditEvent | None = None,
     ) -> Binding | None:
         def work(cur: Cur) -> TupleRow | None:
             self._lock_individual(cur, id_hmac)
@@ -496,6 +580,8 @@ class PostgresStore:
             if row is None:
                 return None  # nothing changed; the OTP stays usable
             self._consume(cur, id_hmac, consume_otp, None, now)
+            if audit is not None:
+                self._append_audit(cur, audit)
             return row
 
         row = self._run(work, write=True)
@@ -503,11 +589,19 @@ class PostgresStore:
 
     # -- WLA replay cache and PoP nonces --------------------------------------------------
 
-    def claim_jti(self, id_hmac: bytes, jti: str, expires_at: datetime, now: datetime) -> bool:
+    def claim_jti(
+        self, id_hmac: bytes, jti: str, expires_at: datetime, now: datetime, *, audit: AuditEvent | None = None
+    ) -> bool:
         def work(cur: Cur) -> bool:
+            if audit is not None:
+                self._lock_individual(cur, id_hmac)  # the audit chain's writers queue
             cur.execute(SQL_PURGE_JTIS, (id_hmac, id_hmac, _utc(now)))
             cur.execute(SQL_CLAIM_JTI, (id_hmac, jti, _utc(expires_at)))
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            if audit is not None:
+                self._append_audit(cur, audit)
+            return True
 
         return self._run(work, write=True)
 
@@ -556,6 +650,107 @@ class PostgresStore:
             )
             for label, kind, pem, not_after, created_at in self._read(SQL_ISSUERS, ())
         ]
+
+    # -- abuse limits and audit trail (LimitStore, AuditLog) -------------------------------
+    # Every transaction here touches one key: an individual's id_hmac (limits, and its audit chain, under
+    # its advisory lock), one partner's counter, or one partner/admin audit chain.
+
+    def identity_and_lock(self, id_hmac: bytes) -> tuple[Identity | None, datetime | None]:
+        rows = self._read(SQL_IDENTITY_AND_LOCK, (id_hmac,))
+        if not rows:
+            # Unknown individuals are locked out like known ones; this second query is their path only.
+            locks = self._read(SQL_LOCKED_UNTIL, (id_hmac,))
+            return None, _opt_utc(locks[0][0]) if locks else None
+        email, phone, name, pin_hmac, locked_until = rows[0]
+        return Identity(id_hmac, email, phone, name, pin_hmac), _opt_utc(locked_until)
+
+    def count_partner_otp_send(self, partner_id: str, now: datetime, rule: RateRule) -> int:
+        def work(cur: Cur) -> TupleRow | None:
+            cur.execute(SQL_COUNT_PARTNER_SEND, (partner_id, _utc(now), *_window_params(now, rule)))
+            return cur.fetchone()
+
+        return _refused_for(self._run(work, write=True), now, rule)
+
+    @staticmethod
+    def _count_otp_send(cur: Cur, id_hmac: bytes, now: datetime, rule: RateRule) -> None:
+        cur.execute(SQL_COUNT_INDIVIDUAL_SEND, (id_hmac, _utc(now), *_window_params(now, rule)))
+        wait = _refused_for(cur.fetchone(), now, rule)
+        if wait:
+            raise RateLimited(wait)  # rolls the count back with the rest of the transaction
+
+    def record_auth_failure(
+        self, id_hmac: bytes, now: datetime, limits: Limits, *, audit: AuditEvent, lockout_audit: AuditEvent
+    ) -> FailureState:
+        def work(cur: Cur) -> FailureState:
+            self._lock_individual(cur, id_hmac)
+            cur.execute(SQL_FAILURE_STATE, (id_hmac,))
+            row = cur.fetchone()
+            state = (
+                FailureState(Window(_opt_utc(row[0]), row[1]), _opt_utc(row[2])) if row is not None else FailureState()
+            )
+            new = after_failure(state, now, limits)
+            cur.execute(
+                SQL_SAVE_FAILURE_STATE,
+                (id_hmac, new.window.start, new.window.count, new.locked_until),
+            )
+            self._append_audit(cur, audit)
+            if new.locked_until != state.locked_until:
+                self._append_audit(cur, lockout_audit)
+            return new
+
+        return self._run(work, write=True)
+
+    @staticmethod
+    def _append_audit(cur: Cur, event: AuditEvent) -> None:
+        cur.execute(
+            SQL_APPEND_AUDIT,
+            {
+                "key": event.chain_key,
+                "at": _utc(event.at),
+                "partner": event.partner_id,
+                "action": event.action,
+                "outcome": event.outcome,
+                "reason": event.reason,
+                "subject": event.subject,
+                "payload": event.payload(),
+                "genesis": GENESIS,
+            },
+        )
+
+    def append_audit(self, event: AuditEvent) -> None:
+        def work(cur: Cur) -> None:
+            if event.per_individual:
+                self._lock_individual(cur, event.chain_key)
+            else:
+                key = int.from_bytes(hashlib.sha256(event.chain_key).digest()[:4], "big", signed=True)
+                cur.execute(SQL_LOCK_INDIVIDUAL, (AUDIT_LOCK_NAMESPACE, key))
+            self._append_audit(cur, event)
+
+        self._run(work, write=True)
+
+    def audit_rows(self, after: tuple[bytes, int] | None, limit: int) -> Sequence[AuditRow]:
+        key, seq = after if after is not None else (b"", 0)
+        rows = self._read(SQL_AUDIT_PAGE, (key, seq, limit))
+        return [
+            AuditRow(r[0], bytes(r[1]), r[2], _utc(r[3]), r[4], r[5], r[6], r[7], r[8], bytes(r[9]), bytes(r[10]))
+            for r in rows
+        ]
+
+
+def _opt_utc(value: datetime | None) -> datetime | None:
+    return _utc(value) if value is not None else None
+
+
+def _window_params(now: datetime, rule: RateRule) -> tuple[datetime, datetime, datetime, datetime, int]:
+    expired, current = _utc(now - rule.window), _utc(now)
+    return expired, current, expired, current, rule.limit
+
+
+def _refused_for(row: Sequence[Any] | None, now: datetime, rule: RateRule) -> int:
+    """0 when the counted send is within the limit, else the seconds until its window ends."""
+    assert row is not None
+    start, count = row
+    return seconds_until(_utc(start) + rule.window, now) if count > rule.limit else 0
 
 
 def _binding(r: Sequence[Any]) -> Binding:

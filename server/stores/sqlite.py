@@ -11,10 +11,16 @@ from pathlib import Path
 
 from yoyo import get_backend, read_migrations
 
+from server.audit import GENESIS, AuditEvent, AuditRow, link_hash
 from server.domain import Binding, BindingStatus, Identity, IssuerRecord, OtpRecord
-from server.ports import KeyOwnedByOther, OtpAlreadyUsed, StoreUnavailable
+from server.limits import FailureState, Limits, RateRule, Window, after_failure, seconds_until
+from server.ports import KeyOwnedByOther, OtpAlreadyUsed, RateLimited, StoreUnavailable
 
 BUSY_TIMEOUT_SECONDS = 5.0
+TABLES = frozenset(
+    {"individuals", "otps", "bindings", "wallet_keys", "issuers", "wla_jtis", "binding_nonces"}
+    | {"individual_limits", "partner_limits", "audit_log"}
+)
 
 
 def ts(value: datetime) -> str:
@@ -73,6 +79,8 @@ class SqliteStore:
                 )
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.execute("PRAGMA foreign_keys=ON")
+                # The audit INSERT computes the entry's hash in the statement (see SQL_APPEND_AUDIT).
+                conn.create_function("kb_link_hash", 3, _sql_link_hash, deterministic=True)
             except sqlite3.Error as err:
                 raise StoreUnavailable(f"cannot open the database: {err}") from err
             self._local.conn = conn
@@ -150,8 +158,12 @@ class SqliteStore:
 
     # -- OTPs -----------------------------------------------------------------------------
 
-    def replace_otp(self, otp: OtpRecord) -> None:
+    def replace_otp(
+        self, otp: OtpRecord, *, send_limit: RateRule | None = None, audit: AuditEvent | None = None
+    ) -> None:
         with self._tx() as conn:
+            if send_limit is not None:
+                self._count_otp_send(conn, otp.id_hmac, otp.created_at, send_limit)
             conn.execute(
                 "UPDATE otps SET state = 'replaced' WHERE id_hmac = ? AND partner_id = ? AND state = 'pending'",
                 (otp.id_hmac, otp.partner_id),
@@ -169,6 +181,8 @@ class SqliteStore:
                     otp.max_attempts,
                 ),
             )
+            if audit is not None:
+                self._append_audit(conn, audit)
 
     def discard_otp(self, transaction_id: str, id_hmac: bytes) -> None:
         with self._tx() as conn:
@@ -243,7 +257,13 @@ class SqliteStore:
             raise KeyOwnedByOther(key_fingerprint)
 
     def commit_binding(
-        self, binding: Binding, *, consume_otp: str | None, now: datetime, consume_nonce: str | None = None
+        self,
+        binding: Binding,
+        *,
+        consume_otp: str | None,
+        now: datetime,
+        consume_nonce: str | None = None,
+        audit: AuditEvent | None = None,
     ) -> None:
         with self._tx() as conn:
             self._consume(conn, binding.id_hmac, consume_otp, consume_nonce, now)
@@ -270,6 +290,8 @@ class SqliteStore:
                     ts(binding.expires_at),
                 ),
             )
+            if audit is not None:
+                self._append_audit(conn, audit)
 
     def bindings_for(self, id_hmac: bytes, partner_id: str) -> Sequence[Binding]:
         rows = self._query(
@@ -302,7 +324,15 @@ class SqliteStore:
         return _binding(rows[0]) if rows else None
 
     def revoke_binding(
-        self, id_hmac: bytes, partner_id: str, factor: str, *, reason: str, now: datetime, consume_otp: str | None
+        self,
+        id_hmac: bytes,
+        partner_id: str,
+        factor: str,
+        *,
+        reason: str,
+        now: datetime,
+        consume_otp: str | None,
+        audit: AuditEvent | None = None,
     ) -> Binding | None:
         with self._tx() as conn:
             cur = conn.execute(
@@ -316,11 +346,15 @@ class SqliteStore:
             if row is None:
                 return None  # nothing changed; the OTP stays usable
             self._consume(conn, id_hmac, consume_otp, None, now)
+            if audit is not None:
+                self._append_audit(conn, audit)
         return _binding(row)
 
     # -- WLA replay cache and PoP nonces --------------------------------------------------
 
-    def claim_jti(self, id_hmac: bytes, jti: str, expires_at: datetime, now: datetime) -> bool:
+    def claim_jti(
+        self, id_hmac: bytes, jti: str, expires_at: datetime, now: datetime, *, audit: AuditEvent | None = None
+    ) -> bool:
         with self._tx() as conn:
             # Expired entries of this individual can go: their tokens fail the exp check anyway.
             conn.execute("DELETE FROM wla_jtis WHERE id_hmac = ? AND expires_at <= ?", (id_hmac, ts(now)))
@@ -328,7 +362,11 @@ class SqliteStore:
                 "INSERT INTO wla_jtis (id_hmac, jti, expires_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                 (id_hmac, jti, ts(expires_at)),
             )
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            if audit is not None:
+                self._append_audit(conn, audit)
+            return True
 
     def create_nonce(self, nonce: str, id_hmac: bytes, partner_id: str, expires_at: datetime) -> None:
         with self._tx() as conn:
@@ -346,7 +384,7 @@ class SqliteStore:
         return bool(rows)
 
     def count_rows(self, table: str) -> int:
-        if table not in {"individuals", "otps", "bindings", "wallet_keys", "issuers", "wla_jtis", "binding_nonces"}:
+        if table not in TABLES:
             raise ValueError(table)
         return int(self._query(f"SELECT count(*) AS n FROM {table}", ())[0]["n"])  # noqa: S608
 
@@ -378,6 +416,157 @@ class SqliteStore:
             )
             for r in rows
         ]
+
+    # -- abuse limits and audit trail (LimitStore, AuditLog) -------------------------------
+    # Per-individual rows are keyed by id_hmac; the partner counter by partner_id, in a transaction of its
+    # own. Send counters are one statement each (the window rule of server.limits, in SQL); failures, a
+    # rare path, are read and written under the write lock with server.limits.after_failure.
+
+    def identity_and_lock(self, id_hmac: bytes) -> tuple[Identity | None, datetime | None]:
+        rows = self._query(SQL_IDENTITY_AND_LOCK, (id_hmac,))
+        if not rows:
+            locks = self._query("SELECT locked_until FROM individual_limits WHERE id_hmac = ?", (id_hmac,))
+            return None, _opt_ts(locks[0]["locked_until"]) if locks else None
+        row = rows[0]
+        return Identity(id_hmac, row["email"], row["phone"], row["name"], row["pin_hmac"]), _opt_ts(row["locked_until"])
+
+    def count_partner_otp_send(self, partner_id: str, now: datetime, rule: RateRule) -> int:
+        with self._tx() as conn:
+            row = conn.execute(SQL_COUNT_PARTNER_SEND, (partner_id, ts(now), *_window_params(now, rule))).fetchone()
+        return _refused_for(row, now, rule)
+
+    @staticmethod
+    def _count_otp_send(conn: sqlite3.Connection, id_hmac: bytes, now: datetime, rule: RateRule) -> None:
+        row = conn.execute(SQL_COUNT_INDIVIDUAL_SEND, (id_hmac, ts(now), *_window_params(now, rule))).fetchone()
+        wait = _refused_for(row, now, rule)
+        if wait:
+            raise RateLimited(wait)  # rolls the count back with the rest of the transaction
+
+    def record_auth_failure(
+        self, id_hmac: bytes, now: datetime, limits: Limits, *, audit: AuditEvent, lockout_audit: AuditEvent
+    ) -> FailureState:
+        with self._tx() as conn:
+            row = conn.execute(
+                "SELECT fail_window_start, failures, locked_until FROM individual_limits WHERE id_hmac = ?", (id_hmac,)
+            ).fetchone()
+            state = (
+                FailureState(Window(_opt_ts(row[0]), row[1]), _opt_ts(row[2])) if row is not None else FailureState()
+            )
+            new = after_failure(state, now, limits)
+            conn.execute(
+                "INSERT INTO individual_limits (id_hmac, fail_window_start, failures, locked_until) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (id_hmac) DO UPDATE SET fail_window_start = excluded.fail_window_start,"
+                " failures = excluded.failures, locked_until = excluded.locked_until",
+                (id_hmac, _opt_text(new.window.start), new.window.count, _opt_text(new.locked_until)),
+            )
+            self._append_audit(conn, audit)
+            if new.locked_until != state.locked_until:
+                self._append_audit(conn, lockout_audit)
+        return new
+
+    @staticmethod
+    def _append_audit(conn: sqlite3.Connection, event: AuditEvent) -> None:
+        conn.execute(
+            SQL_APPEND_AUDIT,
+            {
+                "key": event.chain_key,
+                "at": ts(event.at),
+                "partner": event.partner_id,
+                "action": event.action,
+                "outcome": event.outcome,
+                "reason": event.reason,
+                "subject": event.subject,
+                "payload": event.payload(),
+                "genesis": GENESIS,
+            },
+        )
+
+    def append_audit(self, event: AuditEvent) -> None:
+        with self._tx() as conn:
+            self._append_audit(conn, event)
+
+    def audit_rows(self, after: tuple[bytes, int] | None, limit: int) -> Sequence[AuditRow]:
+        key, seq = after if after is not None else (b"", 0)
+        rows = self._query(
+            "SELECT id, chain_key, seq, at, partner_id, action, outcome, reason, subject, prev_hash, hash"
+            " FROM audit_log WHERE (chain_key, seq) > (?, ?) ORDER BY chain_key, seq LIMIT ?",
+            (key, seq, limit),
+        )
+        return [
+            AuditRow(
+                r["id"],
+                bytes(r["chain_key"]),
+                r["seq"],
+                parse_ts(r["at"]),
+                r["partner_id"],
+                r["action"],
+                r["outcome"],
+                r["reason"],
+                r["subject"],
+                bytes(r["prev_hash"]),
+                bytes(r["hash"]),
+            )
+            for r in rows
+        ]
+
+
+SQL_IDENTITY_AND_LOCK = (
+    "SELECT email, phone, name, pin_hmac, locked_until FROM individuals LEFT JOIN individual_limits USING (id_hmac)"
+    " WHERE id_hmac = ?"
+)
+# One statement counts a send: a window that ended (or lies in the future: the clock stepped back) starts
+# afresh at 1; otherwise the count goes up, but never past limit + 1, which means "refused".
+# Parameters: key, now, expired (= now - window), now, limit.
+_COUNT_SEND = (
+    " ON CONFLICT ({key}) DO UPDATE SET"
+    " otp_window_start = CASE WHEN l.otp_window_start IS NULL OR l.otp_window_start <= ?3 OR l.otp_window_start > ?4"
+    " THEN excluded.otp_window_start ELSE l.otp_window_start END,"
+    " otp_sends = CASE WHEN l.otp_window_start IS NULL OR l.otp_window_start <= ?3 OR l.otp_window_start > ?4 THEN 1"
+    " WHEN l.otp_sends <= ?5 THEN l.otp_sends + 1 ELSE l.otp_sends END"
+    " RETURNING otp_window_start, otp_sends"
+)
+SQL_COUNT_PARTNER_SEND = (
+    "INSERT INTO partner_limits AS l (partner_id, otp_window_start, otp_sends) VALUES (?1, ?2, 1)"  # noqa: S608 (fixed names)
+    + _COUNT_SEND.format(key="partner_id")
+)
+SQL_COUNT_INDIVIDUAL_SEND = (
+    "INSERT INTO individual_limits AS l (id_hmac, otp_window_start, otp_sends) VALUES (?1, ?2, 1)"  # noqa: S608 (fixed names)
+    + _COUNT_SEND.format(key="id_hmac")
+)
+# The new entry follows the chain's last one (or the genesis hash); its hash is computed in the same
+# statement, so one round trip appends it. Concurrent appends to one chain queue on the write lock.
+SQL_APPEND_AUDIT = (
+    "INSERT INTO audit_log (chain_key, seq, at, partner_id, action, outcome, reason, subject, prev_hash, hash)"
+    " SELECT :key, h.seq + 1, :at, :partner, :action, :outcome, :reason, :subject, h.hash,"
+    " kb_link_hash(h.hash, h.seq + 1, :payload)"
+    " FROM (SELECT coalesce((SELECT seq FROM audit_log WHERE chain_key = :key ORDER BY seq DESC LIMIT 1), 0) AS seq,"
+    " coalesce((SELECT hash FROM audit_log WHERE chain_key = :key ORDER BY seq DESC LIMIT 1), :genesis) AS hash) AS h"
+)
+
+
+def _sql_link_hash(prev_hash: bytes, seq: int, payload: bytes) -> bytes:
+    return link_hash(bytes(prev_hash), int(seq), bytes(payload))
+
+
+def _window_params(now: datetime, rule: RateRule) -> tuple[str, str, int]:
+    return ts(now - rule.window), ts(now), rule.limit
+
+
+def _refused_for(row: Sequence[object] | None, now: datetime, rule: RateRule) -> int:
+    """0 when the counted send is within the limit, else the seconds until its window ends."""
+    assert row is not None
+    start, count = row[0], row[1]
+    assert isinstance(start, str)
+    assert isinstance(count, int)
+    return seconds_until(parse_ts(start) + rule.window, now) if count > rule.limit else 0
+
+
+def _opt_ts(value: str | None) -> datetime | None:
+    return parse_ts(value) if value is not None else None
+
+
+def _opt_text(value: datetime | None) -> str | None:
+    return ts(value) if value is not None else None
 
 
 def _binding(r: sqlite3.Row) -> Binding:
