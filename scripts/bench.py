@@ -29,7 +29,8 @@ from server.gen.keybinder.v1 import keybinder_pb2 as pb  # noqa: E402
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-PARTNER = (("partner-id", "bench-wallet"),)
+#: The demo partner `init --demo-partner` registers; its API key is added once the key file exists.
+PARTNER: tuple[tuple[str, str], ...] = (("partner-id", "demo-wallet"),)
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -114,7 +115,11 @@ async def run(args: argparse.Namespace, data_dir: Path) -> dict[str, object]:
     if args.database_url:
         env["KEYBINDER_DATABASE_URL"] = args.database_url
     kb = [sys.executable, "-m", "server"]
-    subprocess.run([*kb, "init", "--data-dir", str(data_dir)], check=True, env=env, cwd=ROOT, capture_output=True)
+    subprocess.run(
+        [*kb, "init", "--demo-partner", "--data-dir", str(data_dir)], check=True, env=env, cwd=ROOT, capture_output=True
+    )
+    global PARTNER
+    PARTNER = (*PARTNER, ("partner-api-key", (data_dir / "demo-partner.key").read_text().strip()))
     people = [
         {"individual_id": f"{7000000000 + i}", "email": f"b{i}@example.com", "phone": "5550001111", "pin": "123456"}
         for i in range(args.individuals)

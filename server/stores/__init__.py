@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Protocol
 
 from server.domain import Binding
+from server.partners import PartnerStore
 from server.ports import BindingStore, IdentityStore, IssuerStore, NonceStore, OtpStore, ReplayCache
 
 
-class Store(IdentityStore, OtpStore, BindingStore, IssuerStore, ReplayCache, NonceStore, Protocol):
+class Store(IdentityStore, OtpStore, BindingStore, IssuerStore, ReplayCache, NonceStore, PartnerStore, Protocol):
     """Everything one backend module provides: every port, plus what operators and tests need."""
 
     def ping(self) -> None: ...

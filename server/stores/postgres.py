@@ -16,6 +16,7 @@ from psycopg_pool import ConnectionPool
 from yoyo import get_backend, read_migrations
 
 from server.domain import Binding, BindingStatus, Identity, IssuerRecord, OtpRecord
+from server.partners import Partner, PartnerCertificateInUse
 from server.ports import KeyOwnedByOther, OtpAlreadyUsed, StoreUnavailable
 
 T = TypeVar("T")
@@ -32,7 +33,16 @@ STATEMENT_TIMEOUT_MS: Final = 30_000
 #: First key of KeyBinder's two-key advisory locks ("KB"), so they are recognisable in pg_locks.
 LOCK_NAMESPACE: Final = 0x4B42
 
-TABLES: Final = ("individuals", "otps", "bindings", "wallet_keys", "issuers", "wla_jtis", "binding_nonces")
+TABLES: Final = (
+    "individuals",
+    "otps",
+    "bindings",
+    "wallet_keys",
+    "issuers",
+    "wla_jtis",
+    "binding_nonces",
+    "partners",
+)
 
 # -- SQL ------------------------------------------------------------------------------------
 # Every statement is a module constant (SQL_*), so the sharding test can check that it has seen each one.
@@ -152,6 +162,22 @@ SQL_ADD_ISSUER: Final = (
 )
 SQL_ISSUERS: Final = (
     "SELECT key_label, key_kind, certificate_pem, not_after, created_at FROM issuers ORDER BY created_at DESC"
+)
+
+# -- partners (the sec-auth change) --
+# partners is a small reference table (replicated to every node), not per-individual: no id_hmac here.
+PARTNER_COLUMNS: Final = "partner_id, api_key_sha256, enabled, client_cert_sha256, created_at, updated_at"
+SQL_ADD_PARTNER: Final = (
+    "INSERT INTO partners (partner_id, api_key_sha256, enabled, client_cert_sha256, created_at, updated_at)"
+    " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (partner_id) DO NOTHING"
+)
+SQL_GET_PARTNER: Final = f"SELECT {PARTNER_COLUMNS} FROM partners WHERE partner_id = %s"  # noqa: S608
+SQL_PARTNER_BY_CERTIFICATE: Final = f"SELECT {PARTNER_COLUMNS} FROM partners WHERE client_cert_sha256 = %s"  # noqa: S608
+SQL_LIST_PARTNERS: Final = f"SELECT {PARTNER_COLUMNS} FROM partners ORDER BY partner_id"  # noqa: S608
+SQL_SET_PARTNER_ENABLED: Final = "UPDATE partners SET enabled = %s, updated_at = %s WHERE partner_id = %s"
+SQL_SET_PARTNER_KEY: Final = "UPDATE partners SET api_key_sha256 = %s, updated_at = %s WHERE partner_id = %s"
+SQL_SET_PARTNER_CERTIFICATE: Final = (
+    "UPDATE partners SET client_cert_sha256 = %s, updated_at = %s WHERE partner_id = %s"
 )
 
 # Admin and test helper only: whole-table counts fan out to every shard.
@@ -541,6 +567,65 @@ class PostgresStore:
             )
             for label, kind, pem, not_after, created_at in self._read(SQL_ISSUERS, ())
         ]
+
+    # -- partners (PartnerStore; the sec-auth change) -------------------------------------
+
+    def add_partner(self, partner: Partner) -> bool:
+        p = partner
+
+        def work(cur: Cur) -> bool:
+            cur.execute(
+                SQL_ADD_PARTNER,
+                (p.partner_id, p.api_key_hash, p.enabled, p.client_cert_sha256, _utc(p.created_at), _utc(p.updated_at)),
+            )
+            return cur.rowcount == 1
+
+        try:
+            return self._run(work, write=True, retry_conflict=False)
+        except pg_errors.UniqueViolation as err:  # the only other unique column: the certificate
+            raise PartnerCertificateInUse("the client certificate is registered to another partner") from err
+
+    def get_partner(self, partner_id: str) -> Partner | None:
+        rows = self._read(SQL_GET_PARTNER, (partner_id,))
+        return _partner(rows[0]) if rows else None
+
+    def partner_by_certificate(self, fingerprint: str) -> Partner | None:
+        rows = self._read(SQL_PARTNER_BY_CERTIFICATE, (fingerprint,))
+        return _partner(rows[0]) if rows else None
+
+    def list_partners(self) -> Sequence[Partner]:
+        return [_partner(r) for r in self._read(SQL_LIST_PARTNERS, ())]
+
+    def _update_partner(self, sql: str, params: tuple[object, ...]) -> bool:
+        def work(cur: Cur) -> bool:
+            cur.execute(sql, params)
+            return cur.rowcount == 1
+
+        try:
+            return self._run(work, write=True, retry_conflict=False)
+        except pg_errors.UniqueViolation as err:
+            raise PartnerCertificateInUse("the client certificate is registered to another partner") from err
+
+    def set_partner_enabled(self, partner_id: str, enabled: bool, now: datetime) -> bool:
+        return self._update_partner(SQL_SET_PARTNER_ENABLED, (enabled, _utc(now), partner_id))
+
+    def set_partner_key(self, partner_id: str, api_key_hash: bytes, now: datetime) -> bool:
+        return self._update_partner(SQL_SET_PARTNER_KEY, (api_key_hash, _utc(now), partner_id))
+
+    def set_partner_certificate(self, partner_id: str, fingerprint: str | None, now: datetime) -> bool:
+        return self._update_partner(SQL_SET_PARTNER_CERTIFICATE, (fingerprint, _utc(now), partner_id))
+
+
+def _partner(r: Sequence[Any]) -> Partner:
+    partner_id, api_key_hash, enabled, client_cert_sha256, created_at, updated_at = r
+    return Partner(
+        partner_id=partner_id,
+        api_key_hash=bytes(api_key_hash),
+        enabled=bool(enabled),
+        client_cert_sha256=client_cert_sha256,
+        created_at=_utc(created_at),
+        updated_at=_utc(updated_at),
+    )
 
 
 def _binding(r: Sequence[Any]) -> Binding:
