@@ -569,3 +569,36 @@ def test_demo_client_reads_the_key_file(data_dir: Path, tmp_path: Path) -> None:
     finally:
         assert server.stop() == 0
     assert key not in server.stderr()
+
+
+def test_no_command_line_option_takes_a_secret() -> None:
+    """Secrets never reach argv: every CLI parameter named like one is a file path (or a flag)."""
+    import typing
+
+    import typer
+
+    from server.cli import app
+
+    def commands(t: typer.Typer, path: str) -> list[tuple[str, typing.Callable[..., object]]]:
+        found = [
+            (f"{path} {c.name or (c.callback.__name__ if c.callback else '')}", c.callback)
+            for c in t.registered_commands
+        ]
+        for group in t.registered_groups:
+            assert group.typer_instance is not None
+            found += commands(group.typer_instance, f"{path} {group.name}")
+        return [(name, cb) for name, cb in found if cb is not None]
+
+    secret_like = ("key", "pin", "secret", "password", "otp", "token")
+    checked = []
+    for where, callback in commands(app, "keybinder"):
+        for name, hint in typing.get_type_hints(callback).items():
+            if name == "return" or name == "key_type" or not any(word in name for word in secret_like):
+                continue
+            checked.append(f"{where} {name}")
+            assert hint in (Path, Path | None, bool, bool | None), (
+                f"{where}: {name} ({hint}) would put a secret on argv"
+            )
+    assert "keybinder demo partner_key_file" in checked
+    assert "keybinder serve tls_key" in checked
+    assert "keybinder identities add with_pin" in checked
