@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -273,10 +275,21 @@ def identities_add(
     typer.echo("added" if new else "updated")
 
 
-def _open_store(settings: Settings) -> Any:
+@contextlib.contextmanager
+def _partner_store(settings: Settings) -> Iterator[Any]:
+    """The store, closed afterwards; a refused change or an unreachable database is a clean error (exit 1)."""
+    from server.ports import BackendUnavailable, StoreConflict
     from server.stores import open_store
 
-    return open_store(settings.database)
+    store = open_store(settings.database)
+    try:
+        yield store
+    except (ValueError, StoreConflict) as err:
+        raise _fail(err) from err
+    except BackendUnavailable as err:
+        raise _fail(RuntimeError(f"{err} (has `keybinder init` been run?)")) from err
+    finally:
+        store.close()
 
 
 def _now() -> Any:
@@ -317,17 +330,12 @@ def partners_add(
     database_url: DbOpt = None,
 ) -> None:
     """Register a partner; prints its new API key once (only a hash is stored)."""
-    from server.partners import PartnerCertificateInUse, add_partner
+    from server.partners import add_partner
 
     settings = _settings(config, data_dir, database_url, None)
     fingerprint = _read_cert_fingerprint(client_cert) if client_cert is not None else None
-    store = _open_store(settings)
-    try:
+    with _partner_store(settings) as store:
         issued = add_partner(store, partner_id, _now(), client_cert_sha256=fingerprint)
-    except (ValueError, PartnerCertificateInUse) as err:
-        raise _fail(err) from err
-    finally:
-        store.close()
     _show_key(issued)
 
 
@@ -335,11 +343,8 @@ def partners_add(
 def partners_list(config: ConfigOpt = None, data_dir: DataDirOpt = None, database_url: DbOpt = None) -> None:
     """List partners: id, state, client certificate fingerprint, last change (never keys)."""
     settings = _settings(config, data_dir, database_url, None)
-    store = _open_store(settings)
-    try:
+    with _partner_store(settings) as store:
         partners = store.list_partners()
-    finally:
-        store.close()
     for p in partners:
         state = "enabled" if p.enabled else "disabled"
         cert = f"cert-sha256={p.client_cert_sha256}" if p.client_cert_sha256 else "-"
@@ -347,11 +352,8 @@ def partners_list(config: ConfigOpt = None, data_dir: DataDirOpt = None, databas
 
 
 def _set_enabled(partner_id: str, enabled: bool, settings: Settings) -> None:
-    store = _open_store(settings)
-    try:
+    with _partner_store(settings) as store:
         found = store.set_partner_enabled(partner_id, enabled, _now())
-    finally:
-        store.close()
     if not found:
         raise _fail(RuntimeError(f"no partner {partner_id!r}"))
     typer.echo(f"{'enabled' if enabled else 'disabled'} {partner_id}")
@@ -390,13 +392,8 @@ def partners_rotate_key(
     from server.partners import rotate_key
 
     settings = _settings(config, data_dir, database_url, None)
-    store = _open_store(settings)
-    try:
+    with _partner_store(settings) as store:
         issued = rotate_key(store, partner_id, _now())
-    except ValueError as err:
-        raise _fail(err) from err
-    finally:
-        store.close()
     _show_key(issued)
 
 
@@ -411,17 +408,10 @@ def partners_set_cert(
     database_url: DbOpt = None,
 ) -> None:
     """Map an mTLS client certificate (by its SHA-256 fingerprint) to the partner, e.g. after renewal."""
-    from server.partners import PartnerCertificateInUse
-
     settings = _settings(config, data_dir, database_url, None)
     fingerprint = _read_cert_fingerprint(client_cert) if client_cert is not None else None
-    store = _open_store(settings)
-    try:
+    with _partner_store(settings) as store:
         found = store.set_partner_certificate(partner_id, fingerprint, _now())
-    except PartnerCertificateInUse as err:
-        raise _fail(err) from err
-    finally:
-        store.close()
     if not found:
         raise _fail(RuntimeError(f"no partner {partner_id!r}"))
     typer.echo(f"{partner_id} certificate {'sha256=' + fingerprint if fingerprint else 'removed'}")

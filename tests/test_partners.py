@@ -602,3 +602,10 @@ def test_no_command_line_option_takes_a_secret() -> None:
     assert "keybinder demo partner_key_file" in checked
     assert "keybinder serve tls_key" in checked
     assert "keybinder identities add with_pin" in checked
+
+
+def test_partners_cli_without_a_database_fails_cleanly(tmp_path: Path) -> None:
+    result = kb_cli("partners", "list", data_dir=tmp_path / "never-initialised")
+    assert result.returncode == 1
+    assert "has `keybinder init` been run?" in result.stderr
+    assert "Traceback" not in result.stderr
