@@ -29,6 +29,9 @@ MAX_API_KEY_CHARS: Final = 256
 #: Entries the in-process partner cache holds before it starts afresh (bounds memory under a flood of
 #: made-up partner ids, which are cached as unknown too).
 MAX_CACHE_ENTRIES: Final = 4096
+#: A refused key is checked against the store again if the cached record is at least this old, so that a
+#: rotated key (or a newly added partner) works within a second; wrong keys cost at most one read per second.
+REFRESH_AFTER_SECONDS: Final = 1.0
 _HASH_DOMAIN: Final = b"keybinder partner api key v1\0"
 
 
@@ -131,6 +134,7 @@ _UNKNOWN_HASH: Final = hash_api_key("not a key of any partner")
 @dataclass(frozen=True, slots=True)
 class _Entry:
     partner: Partner | None
+    fetched: float
     expires: float
 
 
@@ -140,7 +144,9 @@ class PartnerAuthenticator:
     Cost per request on a cache hit: one dict lookup, one SHA-256 of the presented key and one
     constant-time comparison. A partner that is disabled, re-keyed or removed stops being accepted
     within ``cache_seconds`` on every server (sooner on a server that receives SIGHUP); 0 disables
-    the cache. Unknown partner ids are cached as unknown for the same time.
+    the cache. Unknown partner ids are cached as unknown for the same time. A key that the cached
+    record refuses is checked against the store again when that record is older than
+    ``REFRESH_AFTER_SECONDS``, so a new key or a new partner is accepted within a second.
     """
 
     def __init__(
@@ -173,12 +179,18 @@ class PartnerAuthenticator:
             with self._lock:
                 if len(self._cache) >= MAX_CACHE_ENTRIES:
                     self._cache.clear()
-                self._cache[cache_key] = _Entry(partner, self._clock() + self.cache_seconds)
+                now = self._clock()
+                self._cache[cache_key] = _Entry(partner, now, now + self.cache_seconds)
         return partner
 
     def lookup(self, cache_key: str) -> Partner | None:
         hit, partner = self.cached(cache_key)
         return partner if hit else self.fetch(cache_key)
+
+    def worth_refreshing(self, cache_key: str) -> bool:
+        """True when a refusal came from a cached record old enough to read again (see the class doc)."""
+        entry = self._cache.get(cache_key)
+        return entry is not None and self._clock() - entry.fetched >= REFRESH_AFTER_SECONDS
 
     def invalidate(self) -> None:
         """Forget every cached partner (SIGHUP): the next request of each partner reads the store."""
@@ -226,4 +238,9 @@ class PartnerAuthenticator:
             if partner is not None:
                 return self.verify_certificate(partner_id, api_key, partner)
         pid, key = self.check_headers(partner_id, api_key)
-        return self.verify_key(pid, key, self.lookup("id:" + pid))
+        try:
+            return self.verify_key(pid, key, self.lookup("id:" + pid))
+        except InvalidPartnerError:
+            if not self.worth_refreshing("id:" + pid):
+                raise
+        return self.verify_key(pid, key, self.fetch("id:" + pid))

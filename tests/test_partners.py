@@ -251,6 +251,35 @@ def test_cache_bound_is_exact_with_a_fake_clock(kb: RunningServer) -> None:
     assert len(auth._cache) <= partners_module.MAX_CACHE_ENTRIES
 
 
+def test_a_rotated_key_works_within_a_second_and_wrong_keys_cannot_flood_the_store(kb: RunningServer) -> None:
+    now = [1000.0]
+    reads: list[str] = []
+
+    class CountingStore:
+        def get_partner(self, partner_id: str) -> Partner | None:
+            reads.append(partner_id)
+            return kb.app.store.get_partner(partner_id)
+
+    auth = PartnerAuthenticator(CountingStore(), cache_seconds=60, clock=lambda: now[0])  # type: ignore[arg-type]
+    issued = add_partner(kb.app.store, f"rotating-{os.urandom(4).hex()}", datetime.now(UTC))
+    assert auth.authenticate(issued.partner_id, issued.api_key) == issued.partner_id
+    rotated = partners_module.rotate_key(kb.app.store, issued.partner_id, datetime.now(UTC))
+    # Within a second of the last read, the cached record decides: the new key waits, no extra read.
+    now[0] += partners_module.REFRESH_AFTER_SECONDS / 2
+    for _ in range(100):
+        with pytest.raises(InvalidPartnerError):
+            auth.authenticate(issued.partner_id, rotated.api_key)
+    assert len(reads) == 1
+    # After a second, a refused key is checked against the store once: the new key works, the old one not.
+    now[0] += partners_module.REFRESH_AFTER_SECONDS
+    assert auth.authenticate(issued.partner_id, rotated.api_key) == issued.partner_id
+    assert len(reads) == 2
+    for _ in range(100):
+        with pytest.raises(InvalidPartnerError):
+            auth.authenticate(issued.partner_id, issued.api_key)
+    assert len(reads) == 2
+
+
 def test_header_checks_come_in_order() -> None:
     check = PartnerAuthenticator.check_headers
     with pytest.raises(RequiredHeaderMissingError, match="partner-id"):

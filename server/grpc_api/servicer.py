@@ -115,7 +115,15 @@ class KeyBinderServicer(pb_grpc.KeyBinderServiceServicer):
                 if by_cert is not None:
                     return self.partners.verify_certificate(partner_id, api_key, by_cert)
         pid, key = self.partners.check_headers(partner_id, api_key)
-        return self.partners.verify_key(pid, key, await self._partner("id:" + pid))
+        cache_key = "id:" + pid
+        try:
+            return self.partners.verify_key(pid, key, await self._partner(cache_key))
+        except InvalidPartnerError:
+            if not self.partners.worth_refreshing(cache_key):
+                raise
+        # Refused by a cached record: the key may have just been rotated. Read the partner again (at most
+        # once a second per partner, whatever a caller with a wrong key does).
+        return self.partners.verify_key(pid, key, await self._run(lambda: self.partners.fetch(cache_key)))
 
     @authenticated
     async def SendBindingOtp(  # noqa: N802 - name fixed by the proto
