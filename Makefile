@@ -21,8 +21,8 @@ run: setup  ## set everything up and serve on 127.0.0.1:50051
 test: setup dev-deps hsm-deps node-deps lint typecheck proto-check buf-lint buf-breaking  ## set up, check style/types/generated code and the proto, run every test
 	$(BIN)/pytest
 
-setup: deps softhsm  ## venv, SoftHSM2, token, issuer, database and demo identity (idempotent)
-	$(KB) init --data-dir $(DATA_DIR)
+setup: deps softhsm  ## venv, SoftHSM2, token, issuer, database, demo identity and partner (idempotent)
+	$(KB) init --demo-partner --data-dir $(DATA_DIR)
 	$(KB) identities import examples/demo-identities.json --data-dir $(DATA_DIR)
 
 deps: $(VENV)/.installed  ## runtime dependencies only (what `make run` needs)

@@ -40,7 +40,7 @@ from server.gen.keybinder.v1 import keybinder_pb2 as pb  # noqa: E402
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-PARTNER_ID = "bench-wallet"
+PARTNER_ID = "demo-wallet"  # registered by `init --demo-partner`
 PIN = "123456"
 KB = [sys.executable, "-m", "server"]
 
@@ -138,7 +138,9 @@ def postgres_database(admin_url: str) -> Iterator[str | None]:
 
 
 def prepare(data_dir: Path, env: dict[str, str], individuals: int) -> list[str]:
-    subprocess.run([*KB, "init", "--data-dir", str(data_dir)], check=True, env=env, cwd=ROOT, capture_output=True)
+    subprocess.run(
+        [*KB, "init", "--demo-partner", "--data-dir", str(data_dir)], check=True, env=env, cwd=ROOT, capture_output=True
+    )
     ids = [f"{7000000000 + i}" for i in range(individuals)]
     people = data_dir / "people.json"
     people.write_text(json.dumps([{"individual_id": i, "pin": PIN} for i in ids]))
@@ -154,7 +156,7 @@ def prepare(data_dir: Path, env: dict[str, str], individuals: int) -> list[str]:
 
 
 def partner_metadata(data_dir: Path) -> tuple[tuple[str, str], ...]:
-    return (("partner-id", PARTNER_ID),)
+    return (("partner-id", PARTNER_ID), ("partner-api-key", (data_dir / "demo-partner.key").read_text().strip()))
 
 
 @contextlib.contextmanager

@@ -16,13 +16,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding
 from hsm import KeyKind, Pkcs11KeyManager
 from hsm.provision import init_token, token_exists
 from server.certs import build_issuer_certificate, to_pem
-from server.config import Settings
+from server.config import Settings, redact_url
 from server.domain import Identity, IssuerRecord, OtpChannel
 from server.hsm_backend import HsmHasher, HsmIssuerKeys
 from server.notifiers import ChannelRouter, read_secret
 from server.notifiers.outbox import OutboxNotifier
 from server.notifiers.smtp import SmtpConfig, SmtpNotifier
 from server.notifiers.webhook import WebhookConfig, WebhookNotifier
+from server.partners import Partner, PartnerAuthenticator, hash_api_key, new_api_key
 from server.ports import Notifier
 from server.service import KeyBinderService
 from server.stores import Store, migrate, open_store
@@ -43,6 +44,7 @@ class App:
     keys: Pkcs11KeyManager
     store: Store
     service: KeyBinderService
+    partners: PartnerAuthenticator
 
     def probe(self) -> None:
         """One signature with the active issuer key in the HSM and one database round trip."""
@@ -128,7 +130,8 @@ def build_app(settings: Settings) -> App:
         limit_store=store,
         audit_log=store,
     )
-    return App(settings, keys, store, service)
+    partners = PartnerAuthenticator(store, cache_seconds=settings.partner_cache_seconds)
+    return App(settings, keys, store, service, partners)
 
 
 def _write_secret(path: Path) -> None:
@@ -138,14 +141,45 @@ def _write_secret(path: Path) -> None:
         fh.write(secrets.token_urlsafe(18) + "\n")
 
 
+#: The partner `make run` registers for the example client (`keybinder demo`).
+DEMO_PARTNER = "demo-wallet"
+
+
+def ensure_demo_partner(settings: Settings, store: Store, now: datetime) -> bool:
+    """Register the demo partner once, its key in ``demo-partner.key`` (0600); True when something was created.
+
+    Idempotent: a second run changes nothing. If the database was recreated but the key file survived,
+    the partner is registered again with the key from the file; if the file was deleted, the demo
+    partner gets a new key (the only case in which its key changes).
+    """
+    path = settings.demo_partner_key_file
+    existing = store.get_partner(DEMO_PARTNER)
+    if path.exists():
+        if existing is not None:
+            return False
+        key = path.read_text().strip()
+    else:
+        key = new_api_key()
+        # O_EXCL: never overwrite a key someone else wrote meanwhile; 0600 from the start, never wider.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(key + "\n")
+        if existing is not None:
+            store.set_partner_key(DEMO_PARTNER, hash_api_key(key), now)
+            return True
+    store.add_partner(Partner(DEMO_PARTNER, hash_api_key(key), True, None, now, now))
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class InitReport:
     created: list[str]
     reused: list[str]
 
 
-def initialise(settings: Settings) -> InitReport:
-    """Create whatever is missing: token, PINs, HMAC key, issuer key and certificate, schema."""
+def initialise(settings: Settings, *, demo_partner: bool = False) -> InitReport:
+    """Create whatever is missing: token, PINs, HMAC key, issuer key and certificate, schema, and
+    (with ``demo_partner``) the demo partner whose API key goes to ``<data_dir>/demo-partner.key``."""
     created: list[str] = []
     reused: list[str] = []
     data_dir = settings.data_dir
@@ -181,7 +215,7 @@ def initialise(settings: Settings) -> InitReport:
         created.append(f"token {uri.token!r}")
 
     applied = migrate(settings.database)
-    (created if applied else reused).append(f"database {_redacted(settings.database)}")
+    (created if applied else reused).append(f"database {redact_url(settings.database)}")
 
     keys = Pkcs11KeyManager(uri)
     store = open_store(settings.database)
@@ -212,19 +246,12 @@ def initialise(settings: Settings) -> InitReport:
             )
             store.add_issuer(IssuerRecord(label, str(kind), to_pem(cert), cert.not_valid_after_utc, now))
             created.append(f"issuer certificate for {label!r}")
+        if demo_partner:
+            (created if ensure_demo_partner(settings, store, now) else reused).append(f"demo partner {DEMO_PARTNER!r}")
     finally:
         store.close()
         keys.close()
     return InitReport(created, reused)
-
-
-def _redacted(url: str) -> str:
-    """The URL without a password, fit for printing."""
-    scheme, sep, rest = url.partition("://")
-    creds, at, host = rest.rpartition("@")
-    if not at or ":" not in creds:
-        return url
-    return f"{scheme}{sep}{creds.split(':', 1)[0]}:***@{host}"
 
 
 def _kind_of(keys: Pkcs11KeyManager, label: str, fallback: KeyKind) -> KeyKind:

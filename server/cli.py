@@ -1,8 +1,9 @@
-"""The `keybinder` command line: init, serve, issuer, identities, audit, demo."""
+"""The `keybinder` command line: init, serve, issuer, identities, partners, audit, demo."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -32,6 +33,8 @@ app.add_typer(issuer_app, name="issuer")
 app.add_typer(identities_app, name="identities")
 audit_app = typer.Typer(help="The hash-chained audit trail.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
+partners_app = typer.Typer(help="Binding partners and their API keys.", no_args_is_help=True)
+app.add_typer(partners_app, name="partners")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML config file (or $KEYBINDER_CONFIG).")]
 DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="State directory [default: .keybinder].")]
@@ -70,7 +73,16 @@ def _audit_admin(store: Store, event: AuditEvent) -> None:
 
 @app.command()
 def init(
-    config: ConfigOpt = None, data_dir: DataDirOpt = None, database_url: DbOpt = None, hsm_uri: HsmOpt = None
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+    hsm_uri: HsmOpt = None,
+    demo_partner: Annotated[
+        bool,
+        typer.Option(
+            "--demo-partner", help="Also register partner demo-wallet, its key in <data-dir>/demo-partner.key."
+        ),
+    ] = False,
 ) -> None:
     """Create (idempotently) the token, HMAC key, issuer key and certificate, and the database."""
     from hsm import HsmError
@@ -81,7 +93,7 @@ def init(
     from server.stores import open_store
 
     try:
-        report = initialise(settings)
+        report = initialise(settings, demo_partner=demo_partner)
     except (HsmError, RuntimeError, OSError) as err:
         raise _fail(err) from err
     store = open_store(settings.database)
@@ -119,17 +131,44 @@ def serve(
     metrics_port: Annotated[
         int | None, typer.Option("--metrics-port", help="Serve Prometheus /metrics on this port [default: off].")
     ] = None,
+    tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="PEM certificate chain (TLS).")] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="PEM private key of --tls-cert.")] = None,
+    client_ca: Annotated[
+        Path | None, typer.Option("--client-ca", help="PEM CA bundle; clients must present a certificate (mTLS).")
+    ] = None,
+    allow_plaintext: Annotated[
+        bool | None,
+        typer.Option("--allow-plaintext", help="Allow plaintext on a non-loopback address (behind a TLS proxy)."),
+    ] = None,
 ) -> None:
-    """Serve keybinder.v1.KeyBinderService (plus health and reflection) until SIGTERM."""
+    """Serve keybinder.v1.KeyBinderService (plus health and reflection) until SIGTERM; SIGHUP reloads
+    the TLS certificate and clears the partner cache."""
     from hsm import HsmError
+    from server.serve import preflight
     from server.serve import serve as run
+    from server.tls import TlsConfigError
     from server.workers import run_workers
 
     if port is not None and listen is None:
         listen = f"127.0.0.1:{port}"
     settings = _settings(
-        config, data_dir, database_url, hsm_uri, listen=listen, workers=workers, metrics_port=metrics_port
+        config,
+        data_dir,
+        database_url,
+        hsm_uri,
+        listen=listen,
+        workers=workers,
+        metrics_port=metrics_port,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        client_ca=client_ca,
+        allow_plaintext=allow_plaintext,
     )
+    try:
+        preflight(settings)
+    except TlsConfigError as err:
+        typer.echo(f"configuration error: {err}", err=True)
+        raise typer.Exit(2) from err
     count = settings.workers or os.cpu_count() or 1
 
     def ready(bound: int) -> None:
@@ -335,20 +374,181 @@ def _stdout() -> Any:
     return nullcontext(sys.stdout)
 
 
+@contextlib.contextmanager
+def _partner_store(settings: Settings) -> Iterator[Any]:
+    """The store, closed afterwards; a refused change or an unreachable database is a clean error (exit 1)."""
+    from server.ports import BackendUnavailable, StoreConflict
+    from server.stores import open_store
+
+    store = open_store(settings.database)
+    try:
+        yield store
+    except (ValueError, StoreConflict) as err:
+        raise _fail(err) from err
+    except BackendUnavailable as err:
+        raise _fail(RuntimeError(f"{err} (has `keybinder init` been run?)")) from err
+    finally:
+        store.close()
+
+
+def _now() -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)
+
+
+def _read_cert_fingerprint(path: Path) -> str:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from server.partners import certificate_fingerprint
+
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise _fail(RuntimeError(f"cannot read a PEM certificate from {path}")) from err
+    return certificate_fingerprint(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _show_key(issued: Any) -> None:
+    # The only time the key exists outside the partner's hands: stdout, never a log line or argv.
+    typer.echo(f"partner {issued.partner_id}")
+    typer.echo(f"api key {issued.api_key}")
+    typer.echo("store it now: only its hash is kept, it cannot be shown again", err=True)
+
+
+@partners_app.command("add")
+def partners_add(
+    partner_id: Annotated[str, typer.Argument(help="The partner id (the partner-id header).")],
+    client_cert: Annotated[
+        Path | None,
+        typer.Option("--client-cert", help="PEM client certificate that authenticates this partner over mTLS."),
+    ] = None,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+) -> None:
+    """Register a partner; prints its new API key once (only a hash is stored)."""
+    from server.partners import add_partner
+
+    settings = _settings(config, data_dir, database_url, None)
+    fingerprint = _read_cert_fingerprint(client_cert) if client_cert is not None else None
+    with _partner_store(settings) as store:
+        issued = add_partner(store, partner_id, _now(), client_cert_sha256=fingerprint)
+    _show_key(issued)
+
+
+@partners_app.command("list")
+def partners_list(config: ConfigOpt = None, data_dir: DataDirOpt = None, database_url: DbOpt = None) -> None:
+    """List partners: id, state, client certificate fingerprint, last change (never keys)."""
+    settings = _settings(config, data_dir, database_url, None)
+    with _partner_store(settings) as store:
+        partners = store.list_partners()
+    for p in partners:
+        state = "enabled" if p.enabled else "disabled"
+        cert = f"cert-sha256={p.client_cert_sha256}" if p.client_cert_sha256 else "-"
+        typer.echo(f"{p.partner_id}\t{state}\t{cert}\t{p.updated_at.isoformat(timespec='seconds')}")
+
+
+def _set_enabled(partner_id: str, enabled: bool, settings: Settings) -> None:
+    with _partner_store(settings) as store:
+        found = store.set_partner_enabled(partner_id, enabled, _now())
+    if not found:
+        raise _fail(RuntimeError(f"no partner {partner_id!r}"))
+    typer.echo(f"{'enabled' if enabled else 'disabled'} {partner_id}")
+
+
+@partners_app.command("disable")
+def partners_disable(
+    partner_id: Annotated[str, typer.Argument()],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+) -> None:
+    """Refuse the partner's requests (running servers within partner_cache_seconds, or at once on SIGHUP)."""
+    _set_enabled(partner_id, False, _settings(config, data_dir, database_url, None))
+
+
+@partners_app.command("enable")
+def partners_enable(
+    partner_id: Annotated[str, typer.Argument()],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+) -> None:
+    """Accept a disabled partner again."""
+    _set_enabled(partner_id, True, _settings(config, data_dir, database_url, None))
+
+
+@partners_app.command("rotate-key")
+def partners_rotate_key(
+    partner_id: Annotated[str, typer.Argument()],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+) -> None:
+    """Issue a new API key (printed once); the old key stops working."""
+    from server.partners import rotate_key
+
+    settings = _settings(config, data_dir, database_url, None)
+    with _partner_store(settings) as store:
+        issued = rotate_key(store, partner_id, _now())
+    _show_key(issued)
+
+
+@partners_app.command("set-cert")
+def partners_set_cert(
+    partner_id: Annotated[str, typer.Argument()],
+    client_cert: Annotated[
+        Path | None, typer.Argument(help="PEM client certificate; omit to remove the partner's certificate.")
+    ] = None,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+) -> None:
+    """Map an mTLS client certificate (by its SHA-256 fingerprint) to the partner, e.g. after renewal."""
+    settings = _settings(config, data_dir, database_url, None)
+    fingerprint = _read_cert_fingerprint(client_cert) if client_cert is not None else None
+    with _partner_store(settings) as store:
+        found = store.set_partner_certificate(partner_id, fingerprint, _now())
+    if not found:
+        raise _fail(RuntimeError(f"no partner {partner_id!r}"))
+    typer.echo(f"{partner_id} certificate {'sha256=' + fingerprint if fingerprint else 'removed'}")
+
+
 @app.command()
 def demo(
     target: Annotated[str, typer.Option(help="Server address.")] = "127.0.0.1:50051",
     individual_id: Annotated[str, typer.Option(help="A registered individual.")] = "1234567890",
     partner: Annotated[str, typer.Option(help="partner-id header.")] = "demo-wallet",
+    partner_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--partner-key-file", help="File holding the partner's API key [default: <data-dir>/demo-partner.key]."
+        ),
+    ] = None,
     key_type: Annotated[str, typer.Option(help="ec-p256, ec-p384, rsa-2048 or ed25519.")] = "ec-p256",
+    ca_cert: Annotated[
+        Path | None, typer.Option("--ca-cert", help="Connect with TLS, trusting this PEM CA bundle.")
+    ] = None,
+    client_cert: Annotated[Path | None, typer.Option("--client-cert", help="PEM client certificate (mTLS).")] = None,
+    client_key: Annotated[Path | None, typer.Option("--client-key", help="PEM key of --client-cert.")] = None,
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
     """Walk through a binding against a running server: OTP from the outbox, bind, print the certificate."""
-    from server.demo import run_demo
+    from server.demo import DemoTls, run_demo
 
     settings = _settings(config, data_dir, None, None)
-    sys.exit(run_demo(target, individual_id, partner, key_type, settings.outbox))
+    key_path = partner_key_file or settings.demo_partner_key_file
+    try:
+        api_key = key_path.read_text().strip()
+    except OSError as err:
+        raise _fail(RuntimeError(f"cannot read the partner API key from {key_path}: {err.strerror}")) from err
+    if (client_cert is None) != (client_key is None):
+        raise _fail(RuntimeError("--client-cert and --client-key go together"))
+    tls = DemoTls(ca_cert, client_cert, client_key) if ca_cert is not None else None
+    sys.exit(run_demo(target, individual_id, partner, key_type, settings.outbox, api_key=api_key, tls=tls))
 
 
 def main() -> None:

@@ -142,6 +142,34 @@ class Settings(BaseSettings):
     auth_failure_window_seconds: int = Field(900, ge=1, le=86400, description="... within this many seconds.")
     lockout_seconds: int = Field(900, ge=1, le=86400 * 7, description="How long a lockout lasts.")
 
+    # -- transport security and partner authentication -------------------------------------
+    tls_cert: Path | None = Field(
+        None, description="PEM certificate chain for the gRPC port (with tls_key); reloaded when the file changes."
+    )
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert (unencrypted; keep it mode 0600).")
+    client_ca: Path | None = Field(
+        None, description="PEM CA bundle: when set, clients must present a certificate it signed (mTLS)."
+    )
+    allow_plaintext: bool = Field(
+        False, description="Serve without TLS on a non-loopback address (behind a TLS-terminating proxy only)."
+    )
+    partner_cache_seconds: float = Field(
+        5.0, ge=0, le=300, description="How long a server trusts its cached partner record; 0 reads it every time."
+    )
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.client_ca is not None and self.tls_cert is None:
+            raise ValueError("client_ca (mTLS) needs tls_cert and tls_key")
+        return self
+
+    def __repr_args__(self) -> Any:
+        # A database URL may carry a password: settings print (and log) with it masked.
+        for name, value in super().__repr_args__():
+            yield name, (redact_url(value) if name == "database_url" and isinstance(value, str) else value)
+
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
@@ -224,6 +252,14 @@ class Settings(BaseSettings):
         host, _, port = self.listen.rpartition(":")
         return host.strip("[]") or "127.0.0.1", int(port)
 
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def demo_partner_key_file(self) -> Path:
+        return self.data_dir / "demo-partner.key"
+
     def policy(self) -> Policy:
         return Policy(
             otp_ttl_seconds=self.otp_ttl_seconds,
@@ -251,6 +287,15 @@ class Settings(BaseSettings):
         """Point SoftHSM at the data directory's token folder unless the caller chose one."""
         if "SOFTHSM2_CONF" not in os.environ and self.softhsm_conf_path.exists():
             os.environ["SOFTHSM2_CONF"] = str(self.softhsm_conf_path)
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, fit for printing."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at or ":" not in creds:
+        return url
+    return f"{scheme}{sep}{creds.split(':', 1)[0]}:***@{host}"
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

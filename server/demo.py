@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -51,9 +52,36 @@ def read_otp(outbox: Path, transaction_id: str, timeout_seconds: float = 5.0) ->
     raise LookupError(f"no OTP for transaction {transaction_id} in {outbox}")
 
 
-def run_demo(target: str, individual_id: str, partner: str, key_type: str, outbox: Path) -> int:
-    metadata = (("partner-id", partner),)
-    with grpc.insecure_channel(target) as channel:
+@dataclass(frozen=True, slots=True)
+class DemoTls:
+    """Connect with TLS: the CA to trust, and optionally a client certificate and key (mTLS)."""
+
+    ca_cert: Path
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+    def channel(self, target: str) -> grpc.Channel:
+        credentials = grpc.ssl_channel_credentials(
+            self.ca_cert.read_bytes(),
+            self.client_key.read_bytes() if self.client_key is not None else None,
+            self.client_cert.read_bytes() if self.client_cert is not None else None,
+        )
+        return grpc.secure_channel(target, credentials)
+
+
+def run_demo(
+    target: str,
+    individual_id: str,
+    partner: str,
+    key_type: str,
+    outbox: Path,
+    *,
+    api_key: str,
+    tls: DemoTls | None = None,
+) -> int:
+    # The API key travels as metadata, read from a file by the caller: never a command-line argument.
+    metadata = (("partner-id", partner), ("partner-api-key", api_key))
+    with tls.channel(target) if tls is not None else grpc.insecure_channel(target) as channel:
         stub = pb_grpc.KeyBinderServiceStub(channel)
         try:
             formats = stub.GetSupportedChallengeFormats(

@@ -19,6 +19,7 @@ from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
 from server.grpc_api.decoding import MAX_WIRE_BYTES, DecodeErrors
 from server.grpc_api.servicer import KeyBinderServicer
+from server.tls import ReloadingCredentials, TlsFiles, check_listen, load
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,15 @@ class Server:
         self._probe_executor = ThreadPoolExecutor(1, thread_name_prefix="keybinder-probe")
         self._probe_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        self.tls: ReloadingCredentials | None = None
 
     async def start(self) -> int:
         if self.settings.metrics_port is not None:
             metrics.enable()  # observability: record RPC and HSM metrics (served by server.metrics)
+        host, port = self.settings.host_port
+        preflight(self.settings)
+        files = tls_files(self.settings)
+        self.tls = ReloadingCredentials(files) if files is not None else None
         self.app = build_app(self.settings)
         server = grpc.aio.server(
             interceptors=[DecodeErrors()],
@@ -58,15 +64,21 @@ class Server:
                 ("grpc.so_reuseport", 1 if self._reuse_port else 0),
             ],
         )
-        pb_grpc.add_KeyBinderServiceServicer_to_server(KeyBinderServicer(self.app.service, self._executor), server)
+        servicer = KeyBinderServicer(
+            self.app.service, self._executor, self.app.partners, client_certificates=self.settings.client_ca is not None
+        )
+        pb_grpc.add_KeyBinderServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server,
         )
-        host, port = self.settings.host_port
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
-            bound: int = server.add_insecure_port(f"{host}:{port}")
+            if self.tls is not None:
+                bound: int = server.add_secure_port(address, self.tls.credentials())
+            else:
+                bound = server.add_insecure_port(address)
         except RuntimeError as err:  # grpc.aio raises where the sync server returns 0
             bound = 0
             cause: Exception | None = err
@@ -80,8 +92,16 @@ class Server:
         self.port = bound
         await self._set_serving(True)
         self._probe_task = asyncio.create_task(self._probe_loop(), name="keybinder-health-probe")
-        log.info("listening on %s:%d", host, bound)
+        log.info("listening on %s:%d (%s)", host, bound, "TLS" if self.tls is not None else "plaintext")
         return bound
+
+    def reload(self) -> None:
+        """SIGHUP: reread the TLS files at the next handshake and forget cached partners."""
+        if self.tls is not None:
+            self.tls.request_reload()
+        if self.app is not None:
+            self.app.partners.invalidate()
+            log.info("partner cache cleared")
 
     async def _set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -137,6 +157,20 @@ class Server:
         await self._stopped.wait()
 
 
+def tls_files(settings: Settings) -> TlsFiles | None:
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    return TlsFiles(settings.tls_cert, settings.tls_key, settings.client_ca)
+
+
+def preflight(settings: Settings) -> None:
+    """Refuse a set-up that must not serve (TlsConfigError), before anything logs in to the HSM."""
+    check_listen(settings.host_port[0], tls=settings.tls, allow_plaintext=settings.allow_plaintext)
+    files = tls_files(settings)
+    if files is not None:
+        load(files)
+
+
 async def serve(settings: Settings, on_ready: Callable[[int], None] | None = None, *, reuse_port: bool = False) -> None:
     # Handlers first: a SIGTERM that arrives as soon as we announce the port must drain, not kill.
     loop = asyncio.get_running_loop()
@@ -144,6 +178,7 @@ async def serve(settings: Settings, on_ready: Callable[[int], None] | None = Non
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_requested.set)
     server = Server(settings, reuse_port=reuse_port)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     port = await server.start()
     if on_ready is not None:
         on_ready(port)

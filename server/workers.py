@@ -31,6 +31,8 @@ def _worker_main(values: dict[str, Any], index: int, ready: Any, log_level: str)
     from server.logs import configure_logging
     from server.serve import serve
 
+    # Until serve() installs its handler, a SIGHUP forwarded by the supervisor must not kill a starting worker.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     settings = Settings(**values)
     configure_logging(log_level, settings.log_format, worker=index)
     asyncio.run(serve(settings, lambda port: ready.put((index, os.getpid(), port)), reuse_port=True))
@@ -72,6 +74,14 @@ def run_workers(settings: Settings, count: int, on_ready: Callable[[int], None])
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    reload_requested = False
+
+    def request_reload(signum: int, frame: object) -> None:
+        nonlocal reload_requested
+        reload_requested = True
+
+    # SIGHUP (reload TLS certificate, clear partner cache) goes to every worker: each owns its server.
+    signal.signal(signal.SIGHUP, request_reload)
 
     def spawn(index: int, restarts: int = 0) -> _Worker:
         process = ctx.Process(
@@ -97,6 +107,12 @@ def run_workers(settings: Settings, count: int, on_ready: Callable[[int], None])
         on_ready(port)
         while not stopping:
             time.sleep(0.2)
+            if reload_requested:
+                reload_requested = False
+                log.info("SIGHUP: asking %d workers to reload", len(workers))
+                for worker in workers.values():
+                    if worker.process.is_alive() and worker.process.pid is not None:
+                        os.kill(worker.process.pid, signal.SIGHUP)
             while not ready.empty():
                 index, pid, _ = ready.get_nowait()
                 log.info("worker %d (pid %d) serving again", index, pid)

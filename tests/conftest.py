@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,9 @@ from server.config import DEFAULT_MODULE, Settings, load_settings
 from server.demo import WalletPrivateKey, read_otp
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
+from server.partners import Partner, hash_api_key, new_api_key
 from server.serve import Server
+from server.stores import open_store
 from tests.hsm_backends import (
     OPENCRYPTOKI,
     OPENCRYPTOKI_DEFAULT_SO_PIN,
@@ -116,7 +119,35 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
         **LOOSE_LIMITS,
     )
     initialise(cfg)
+    register_test_partners(cfg)
     return cfg
+
+
+PARTNER = "test-wallet"
+#: Every partner id the tests call with, registered once per session. The keys are made when this module
+#: is imported, so that metadata built at import time (e.g. Hypothesis strategies) carries them too.
+TEST_PARTNERS = (
+    PARTNER,
+    POP_REQUIRED_PARTNER,
+    POP_OFF_PARTNER,
+    "other-partner",
+    "other-wallet",
+    "lifecycle-other-wallet",
+    "fuzz-wallet",
+    "p" * 128,  # the longest partner id the syntax allows
+)
+PARTNER_KEYS: dict[str, str] = {partner: new_api_key() for partner in TEST_PARTNERS}
+
+
+def register_test_partners(cfg: Settings) -> None:
+    """Register TEST_PARTNERS with their keys in ``cfg``'s database."""
+    store = open_store(cfg.database)
+    try:
+        now = datetime.now(UTC)
+        for partner, key in PARTNER_KEYS.items():
+            store.add_partner(Partner(partner, hash_api_key(key), True, None, now, now))
+    finally:
+        store.close()
 
 
 @dataclass
@@ -179,11 +210,12 @@ def kb(settings: Settings) -> Iterator[RunningServer]:
         stop()
 
 
-PARTNER = "test-wallet"
-
-
 def md(partner: str | None = PARTNER) -> tuple[tuple[str, str], ...]:
-    return () if partner is None else (("partner-id", partner),)
+    """The partner metadata: partner-id, plus the API key of a registered test partner."""
+    if partner is None:
+        return ()
+    key = PARTNER_KEYS.get(partner)
+    return (("partner-id", partner),) if key is None else (("partner-id", partner), ("partner-api-key", key))
 
 
 @dataclass(frozen=True)

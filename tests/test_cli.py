@@ -16,6 +16,7 @@ import grpc
 import pytest
 from cryptography import x509
 
+from server.app import DEMO_PARTNER
 from server.demo import new_wallet_key, read_otp
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
@@ -50,7 +51,7 @@ def kb_cli(*args: str, data_dir: Path, stdin: str | None = None) -> subprocess.C
 def make_data_dir(path: Path) -> Path:
     """`keybinder init` and an identity import into ``path``, as an operator would do it."""
     require(Path(SOFTHSM_MODULE).exists(), f"SoftHSM2 ({SOFTHSM_MODULE})")
-    result = kb_cli("init", data_dir=path)
+    result = kb_cli("init", "--demo-partner", data_dir=path)
     assert result.returncode == 0, result.stderr
     identities = path.parent / "identities.json"
     bob = {"individual_id": DEMO_ID, "email": "bob@example.net", "phone": "5550001234", "pin": "135790", "name": "B"}
@@ -59,6 +60,11 @@ def make_data_dir(path: Path) -> Path:
     assert result.returncode == 0, result.stderr
     assert "1 new" in result.stdout
     return path
+
+
+def partner_md(data_dir: Path) -> tuple[tuple[str, str], ...]:
+    """Metadata of the demo partner that `init --demo-partner` registered in ``data_dir``."""
+    return (("partner-id", DEMO_PARTNER), ("partner-api-key", (data_dir / "demo-partner.key").read_text().strip()))
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +212,7 @@ def two_servers(data_dir: Path) -> Iterator[tuple[ServeProcess, ServeProcess]]:
 
 
 def bind_via(port: int, data_dir: Path) -> pb.DoKeyBindingResponse:
-    metadata = (("partner-id", "cli-test"),)
+    metadata = partner_md(data_dir)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.KeyBinderServiceStub(channel)
         sent = stub.SendBindingOtp(
@@ -248,7 +254,7 @@ def test_two_serve_processes_share_token_and_database(
     assert len({r.partner_specific_user_token for r in responses}) == 1
     store = SqliteStore(data_dir / "keybinder.db")
     try:
-        states = sorted(str(b.status) for b in store.bindings_for(_id_hmac(data_dir), "cli-test"))
+        states = sorted(str(b.status) for b in store.bindings_for(_id_hmac(data_dir), DEMO_PARTNER))
     finally:
         store.close()
     assert states.count("active") == 1

@@ -28,9 +28,8 @@ from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
 from server.stores.postgres import POOL_TIMEOUT_SECONDS
 from tests.conftest import SOFTHSM_MODULE, fresh_database, require
-from tests.test_cli import KEYBINDER, cli_env, kb_cli
+from tests.test_cli import KEYBINDER, cli_env, kb_cli, partner_md
 
-MD = (("partner-id", "durable-wallet"),)
 PEOPLE = [f"{8100000000 + i}" for i in range(12)]
 PIN = "482913"
 
@@ -44,7 +43,7 @@ def pg_url() -> Iterator[str]:
 def make_data_dir(path: Path, pg_url: str) -> Path:
     require(Path(SOFTHSM_MODULE).exists(), f"SoftHSM2 ({SOFTHSM_MODULE})")
     (path / "keybinder.toml").write_text(f'database_url = "{pg_url}"\n')
-    assert kb_cli("init", "--config", str(path / "keybinder.toml"), data_dir=path).returncode == 0
+    assert kb_cli("init", "--demo-partner", "--config", str(path / "keybinder.toml"), data_dir=path).returncode == 0
     people = path / "people.json"
     people.write_text(json.dumps([{"individual_id": p, "pin": PIN} for p in PEOPLE]))
     result = kb_cli("identities", "import", str(people), "--config", str(path / "keybinder.toml"), data_dir=path)
@@ -138,6 +137,7 @@ class Load:
     """Client threads binding fresh keys with PIN challenges, recording what the server acknowledged."""
 
     port: int
+    metadata: tuple[tuple[str, str], ...]
     acknowledged: list[tuple[str, str]] = field(default_factory=list)
     failures: list[tuple[grpc.StatusCode, str]] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -158,7 +158,9 @@ class Load:
             n += 1
             try:
                 with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
-                    response = pb_grpc.KeyBinderServiceStub(channel).DoKeyBinding(request, metadata=MD, timeout=10)
+                    response = pb_grpc.KeyBinderServiceStub(channel).DoKeyBinding(
+                        request, metadata=self.metadata, timeout=10
+                    )
             except grpc.RpcError as err:
                 with self.lock:
                     self.failures.append((err.code(), reason(err)))
@@ -200,13 +202,13 @@ def check_database(pg_url: str, acknowledged: list[tuple[str, str]]) -> None:
     assert not doubles
 
 
-def wait_serving(port: int, seconds: float = 30.0) -> None:
+def wait_serving(port: int, metadata: tuple[tuple[str, str], ...], seconds: float = 30.0) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                 pb_grpc.KeyBinderServiceStub(channel).GetSupportedChallengeFormats(
-                    pb.GetSupportedChallengeFormatsRequest(auth_factor_type="PIN"), metadata=MD, timeout=2
+                    pb.GetSupportedChallengeFormatsRequest(auth_factor_type="PIN"), metadata=metadata, timeout=2
                 )
             return
         except grpc.RpcError:
@@ -216,7 +218,7 @@ def wait_serving(port: int, seconds: float = 30.0) -> None:
 
 def test_kill_9_of_every_worker_loses_no_acknowledged_binding(data_dir: Path, pg_url: str) -> None:
     proc, port = start(data_dir)
-    load = Load(port)
+    load = Load(port, partner_md(data_dir))
     load.start(4)
     try:
         time.sleep(3)
@@ -227,7 +229,7 @@ def test_kill_9_of_every_worker_loses_no_acknowledged_binding(data_dir: Path, pg
     assert len(load.acknowledged) > 20, "the load never got going"
     restarted, port = start(data_dir)
     try:
-        wait_serving(port)
+        wait_serving(port, partner_md(data_dir))
         check_database(pg_url, load.acknowledged)
     finally:
         os.killpg(restarted.pid, signal.SIGTERM)
@@ -237,7 +239,7 @@ def test_kill_9_of_every_worker_loses_no_acknowledged_binding(data_dir: Path, pg
 def test_postgres_restart_under_load(tmp_path: Path, own_postgres: OwnPostgres) -> None:
     own_data = make_data_dir(tmp_path, own_postgres.url)
     proc, port = start(own_data)
-    load = Load(port)
+    load = Load(port, partner_md(own_data))
     load.start(3)
     try:
         time.sleep(1.5)

@@ -18,9 +18,7 @@ from server.demo import new_wallet_key, read_otp
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
 from tests.conftest import failure
-from tests.test_cli import DEMO_ID, KEYBINDER, cli_env, make_data_dir
-
-MD = (("partner-id", "fault-test"),)
+from tests.test_cli import DEMO_ID, KEYBINDER, cli_env, make_data_dir, partner_md
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +61,9 @@ def health(channel: grpc.Channel) -> int:
 
 
 def bind_request(data_dir: Path, stub: pb_grpc.KeyBinderServiceStub) -> pb.DoKeyBindingRequest:
-    sent = stub.SendBindingOtp(pb.SendBindingOtpRequest(individual_id=DEMO_ID, otp_channels=["email"]), metadata=MD)
+    sent = stub.SendBindingOtp(
+        pb.SendBindingOtpRequest(individual_id=DEMO_ID, otp_channels=["email"]), metadata=partner_md(data_dir)
+    )
     otp = read_otp(data_dir / "outbox.jsonl", sent.transaction_id)
     return pb.DoKeyBindingRequest(
         individual_id=DEMO_ID,
@@ -93,13 +93,13 @@ def served(data_dir: Path) -> Iterator[tuple[subprocess.Popen[str], grpc.Channel
 def test_token_directory_gone_then_back(data_dir: Path, served: tuple[subprocess.Popen[str], grpc.Channel]) -> None:
     proc, channel = served
     stub = pb_grpc.KeyBinderServiceStub(channel)
-    assert stub.DoKeyBinding(bind_request(data_dir, stub), metadata=MD).certificate
+    assert stub.DoKeyBinding(bind_request(data_dir, stub), metadata=partner_md(data_dir)).certificate
     pending = bind_request(data_dir, stub)  # OTP sent while the HSM is still there
     rows = binding_rows(data_dir)
     tokens, away = data_dir / "tokens", data_dir / "tokens.away"
     tokens.rename(away)
     try:
-        err = failure(lambda: stub.DoKeyBinding(pending, metadata=MD))
+        err = failure(lambda: stub.DoKeyBinding(pending, metadata=partner_md(data_dir)))
         assert (err.code, err.reason) == (grpc.StatusCode.UNAVAILABLE, "key_binding_failed")
         assert binding_rows(data_dir) == rows, "nothing may be written while the HSM is away"
         assert wait_for(lambda: health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -110,7 +110,7 @@ def test_token_directory_gone_then_back(data_dir: Path, served: tuple[subprocess
     if not recovered:
         proc.send_signal(signal.SIGTERM)
         pytest.fail(proc.communicate(timeout=30)[1][-3000:])
-    assert stub.DoKeyBinding(bind_request(data_dir, stub), metadata=MD).certificate
+    assert stub.DoKeyBinding(bind_request(data_dir, stub), metadata=partner_md(data_dir)).certificate
     assert proc.poll() is None
 
 
@@ -119,7 +119,7 @@ def test_killed_worker_is_replaced(data_dir: Path) -> None:
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.KeyBinderServiceStub(channel)
-            assert stub.DoKeyBinding(bind_request(data_dir, stub), metadata=MD).certificate
+            assert stub.DoKeyBinding(bind_request(data_dir, stub), metadata=partner_md(data_dir)).certificate
             children = subprocess.run(
                 ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True, check=False
             ).stdout.split()
@@ -144,7 +144,9 @@ def test_killed_worker_is_replaced(data_dir: Path) -> None:
         for _ in range(6):
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                 stub = pb_grpc.KeyBinderServiceStub(channel)
-                assert stub.DoKeyBinding(bind_request(data_dir, stub), metadata=MD, timeout=15).certificate
+                assert stub.DoKeyBinding(
+                    bind_request(data_dir, stub), metadata=partner_md(data_dir), timeout=15
+                ).certificate
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0

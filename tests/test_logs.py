@@ -123,13 +123,13 @@ def test_a_refusal_logs_its_reason_and_still_returns_the_request_id(
     _, jwk = new_wallet_key("ec-p256")
     request = bind_request(person, jwk, pin_challenge(other_pin(person.pin)))
     with pytest.raises(grpc.RpcError) as info:
-        kb.stub.DoKeyBinding(request, metadata=(*md("partner-7"), ("x-request-id", "bad-pin-1")))
+        kb.stub.DoKeyBinding(request, metadata=(*md("other-partner"), ("x-request-id", "bad-pin-1")))
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     meta = trailing(info.value)
     assert meta["x-request-id"] == "bad-pin-1"
     assert any(k == "grpc-status-details-bin" for k, _ in info.value.trailing_metadata() or ())
     line = json_log.access("bad-pin-1")
-    assert (line["method"], line["partner"]) == ("DoKeyBinding", "partner-7")
+    assert (line["method"], line["partner"]) == ("DoKeyBinding", "other-partner")
     assert (line["outcome"], line["reason"], line["code"]) == ("refused", "auth_failed", "UNAUTHENTICATED")
     assert line["duration_ms"] > 0
 

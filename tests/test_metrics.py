@@ -107,6 +107,12 @@ def start_metrics_serve(data_dir: Path, workers: int, log_path: Path) -> Metrics
 def serve_process(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MetricsServer]:
     """A fresh data directory (no binding yet) and `keybinder serve --workers N --metrics-port 0`."""
     data_dir = make_data_dir(tmp_path / "data")
+    for partner in ("metrics-a", "metrics-b"):
+        added = kb_cli("partners", "add", partner, data_dir=data_dir)
+        assert added.returncode == 0, added.stderr
+        PARTNER_KEYS[partner] = next(
+            line.split()[-1] for line in added.stdout.splitlines() if line.startswith("api key")
+        )
     server = start_metrics_serve(data_dir, request.param, tmp_path / "serve.log")
     try:
         yield server
@@ -116,9 +122,13 @@ def serve_process(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Me
             server.proc.wait(10)
 
 
+#: API keys of the partners registered in each fresh data directory (by serve_process).
+PARTNER_KEYS: dict[str, str] = {}
+
+
 def call(port: int, fn: str, request: object, partner: str | None = "metrics-a") -> object:
     """One RPC on a new connection (so that the kernel may pick another worker); errors are returned."""
-    metadata = () if partner is None else (("partner-id", partner),)
+    metadata = () if partner is None else (("partner-id", partner), ("partner-api-key", PARTNER_KEYS[partner]))
     # A channel-local subchannel pool: a new TCP connection even while another channel is open.
     options = [("grpc.use_local_subchannel_pool", 1)]
     with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:

@@ -15,7 +15,7 @@ import pytest
 from cryptography import x509
 
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
-from tests.conftest import PARTNER, Person, RunningServer, md, unregistered
+from tests.conftest import PARTNER, PARTNER_KEYS, Person, RunningServer, md, unregistered
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_DIR = ROOT / "examples" / "node"
@@ -43,11 +43,21 @@ def node_client() -> list[str]:
     return [node, str(NODE_DIR / "client.js")]
 
 
+def partner_key_file(kb: RunningServer) -> Path:
+    """The test partner's API key in a 0600 file, as a partner would keep it."""
+    path = kb.app.settings.data_dir / "node-partner.key"
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(PARTNER_KEYS[PARTNER] + "\n")
+    return path
+
+
 def client_env(kb: RunningServer, person: Person | None = None, individual_id: str | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KEYBINDER_")}
     env |= {
         "KEYBINDER_TARGET": kb.target,
         "KEYBINDER_PARTNER_ID": PARTNER,
+        "KEYBINDER_PARTNER_API_KEY_FILE": str(partner_key_file(kb)),
         "KEYBINDER_INDIVIDUAL_ID": individual_id or (person.individual_id if person else ""),
         "KEYBINDER_OUTBOX": str(kb.app.settings.outbox),
     }

@@ -37,9 +37,9 @@ from tests.conftest import (
     start_server,
 )
 from tests.hsm_backends import P11KIT_CLIENT, HsmBackend, P11KitServer
-from tests.test_cli import cli_env, make_data_dir
-from tests.test_faults import MD, binding_rows, health, start, wait_for
+from tests.test_cli import cli_env, make_data_dir, partner_md
 from tests.test_faults import bind_request as fault_bind_request
+from tests.test_faults import binding_rows, health, start, wait_for
 
 # -- bindings through p11-kit, in-process server ---------------------------------------------------
 
@@ -152,7 +152,7 @@ class BindingLoop:
                     time.sleep(0.05)
                     continue
                 try:
-                    resp = stub.DoKeyBinding(req, metadata=MD, timeout=20)
+                    resp = stub.DoKeyBinding(req, metadata=partner_md(self.data_dir), timeout=20)
                 except grpc.RpcError as err:
                     self.outcomes.append(Outcome("bind", err.code(), reason_of(err), ""))
                     time.sleep(0.05)
@@ -193,7 +193,7 @@ def test_hsm_server_restart_under_load(remote_data: tuple[Path, P11KitServer]) -
             pending = fault_bind_request(data_dir, stub)  # OTP sent while the HSM is still up
 
             hsm.kill()  # the whole process group: the forked per-connection servers die too
-            err = failure(lambda: stub.DoKeyBinding(pending, metadata=MD, timeout=20))
+            err = failure(lambda: stub.DoKeyBinding(pending, metadata=partner_md(data_dir), timeout=20))
             assert (err.code, err.reason) == (grpc.StatusCode.UNAVAILABLE, "key_binding_failed")
             assert wait_for(lambda: health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING)
             rows_in_gap = binding_rows(data_dir)

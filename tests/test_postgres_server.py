@@ -23,7 +23,7 @@ from server.stores.postgres import PostgresStore
 from tests.conftest import SOFTHSM_MODULE, fresh_database, require
 from tests.test_cli import DEMO_ID, KEYBINDER, cli_env, kb_cli
 
-MD = (("partner-id", "pg-wallet"),)
+PARTNER = "pg-wallet"
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,10 @@ def pg_data_dir(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> Path:
         result = kb_cli("init", "--config", str(path / "keybinder.toml"), data_dir=path)
         assert result.returncode == 0, result.stderr
     assert "created" not in result.stdout
+    # A partner registered through the CLI, in PostgreSQL; its key is printed once.
+    result = kb_cli("partners", "add", PARTNER, "--config", str(path / "keybinder.toml"), data_dir=path)
+    assert result.returncode == 0, result.stderr
+    (path / "pg-wallet.key").write_text(result.stdout.split("api key ", 1)[1].split()[0])
     people = path / "people.json"
     people.write_text(json.dumps([{"individual_id": DEMO_ID, "email": "p@example.org", "pin": "112233"}]))
     result = kb_cli("identities", "import", str(people), "--config", str(path / "keybinder.toml"), data_dir=path)
@@ -49,6 +53,7 @@ def pg_data_dir(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> Path:
 
 
 def test_server_on_postgres_binds_and_verifies(pg_data_dir: Path, pg_url: str) -> None:
+    md = (("partner-id", PARTNER), ("partner-api-key", (pg_data_dir / "pg-wallet.key").read_text()))
     proc = subprocess.Popen(
         [*KEYBINDER, "serve", "--port", "0", "--workers", "2", "--data-dir", str(pg_data_dir)],
         stdout=subprocess.PIPE,
@@ -66,7 +71,7 @@ def test_server_on_postgres_binds_and_verifies(pg_data_dir: Path, pg_url: str) -
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                 stub = pb_grpc.KeyBinderServiceStub(channel)
                 sent = stub.SendBindingOtp(
-                    pb.SendBindingOtpRequest(individual_id=DEMO_ID, otp_channels=["email"]), metadata=MD
+                    pb.SendBindingOtpRequest(individual_id=DEMO_ID, otp_channels=["email"]), metadata=md
                 )
                 otp = read_otp(pg_data_dir / "outbox.jsonl", sent.transaction_id)
                 key, jwk = new_wallet_key("ec-p256")
@@ -78,7 +83,7 @@ def test_server_on_postgres_binds_and_verifies(pg_data_dir: Path, pg_url: str) -
                         public_key_jwk=jwk,
                         bind_auth_factor_type="WLA",
                     ),
-                    metadata=MD,
+                    metadata=md,
                 )
                 thumbprints.append(bound.thumbprint)
                 now = int(time.time())
@@ -90,7 +95,7 @@ def test_server_on_postgres_binds_and_verifies(pg_data_dir: Path, pg_url: str) -
                     algorithms=["ES256"],
                 )
                 verified = stub.VerifyWalletToken(
-                    pb.VerifyWalletTokenRequest(token=token, individual_id=DEMO_ID), metadata=MD
+                    pb.VerifyWalletTokenRequest(token=token, individual_id=DEMO_ID), metadata=md
                 )
                 assert verified.valid
                 assert verified.thumbprint == bound.thumbprint

@@ -33,6 +33,7 @@ from server.audit import (
 )
 from server.domain import Binding, BindingStatus, Identity, IssuerRecord, OtpRecord
 from server.limits import Limits, RateRule
+from server.partners import Partner, PartnerCertificateInUse, hash_api_key
 from server.ports import KeyOwnedByOther, OtpAlreadyUsed, RateLimited, StoreConflict, StoreUnavailable
 from server.stores import postgres as pg
 from server.stores import sqlite as lite
@@ -51,7 +52,7 @@ T0 = datetime(2031, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
 RACE_TIMEOUT_SECONDS = 30.0
 TABLES = (
     *("individuals", "otps", "bindings", "wallet_keys", "issuers", "wla_jtis", "binding_nonces"),
-    *("individual_limits", "partner_limits", "audit_log"),
+    *("individual_limits", "partner_limits", "audit_log", "partners"),
 )
 
 
@@ -511,6 +512,48 @@ def test_issuers_newest_first(store: Store) -> None:
     with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError)):
         store.add_issuer(records[0])
     assert len(store.issuers()) == 3
+
+
+# -- partners (a reference table: not per-individual, so outside the id_hmac rule) ---------------
+
+
+@contract
+def test_partners(store: Store) -> None:
+    first = Partner("wallet-a", hash_api_key("kb_a"), True, None, T0, T0)
+    second = Partner("wallet-b", hash_api_key("kb_b"), True, "ab" * 32, T0, T0)
+    assert store.add_partner(second) is True
+    assert store.add_partner(first) is True
+    assert store.add_partner(replace(first, api_key_hash=hash_api_key("kb_other"))) is False  # the id is taken
+    assert store.get_partner("wallet-a") == first  # and was not changed
+    assert store.get_partner("nobody") is None
+    assert [p.partner_id for p in store.list_partners()] == ["wallet-a", "wallet-b"]
+    assert store.partner_by_certificate("ab" * 32) == second
+    assert store.partner_by_certificate("cd" * 32) is None
+
+    later = T0 + timedelta(hours=1)
+    assert store.set_partner_enabled("wallet-a", False, later) is True
+    assert store.get_partner("wallet-a") == replace(first, enabled=False, updated_at=later)
+    assert store.set_partner_key("wallet-a", hash_api_key("kb_new"), later) is True
+    assert store.get_partner("wallet-a") == replace(
+        first, enabled=False, api_key_hash=hash_api_key("kb_new"), updated_at=later
+    )
+    assert store.set_partner_certificate("wallet-a", "cd" * 32, later) is True
+    assert store.partner_by_certificate("cd" * 32) is not None
+    for missing in (
+        store.set_partner_enabled("nobody", True, later),
+        store.set_partner_key("nobody", hash_api_key("kb_x"), later),
+        store.set_partner_certificate("nobody", None, later),
+    ):
+        assert missing is False
+    # One certificate, one partner: nothing is written when it is taken.
+    with pytest.raises(PartnerCertificateInUse):
+        store.set_partner_certificate("wallet-a", "ab" * 32, later)
+    with pytest.raises(PartnerCertificateInUse):
+        store.add_partner(Partner("wallet-c", hash_api_key("kb_c"), True, "ab" * 32, T0, T0))
+    assert store.get_partner("wallet-c") is None
+    assert store.set_partner_certificate("wallet-b", None, later) is True
+    assert store.partner_by_certificate("ab" * 32) is None
+    assert store.count_rows("partners") == 2
 
 
 @contract

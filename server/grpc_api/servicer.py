@@ -12,40 +12,59 @@ from typing import Any, TypeVar
 
 import grpc
 
-from server.errors import KeyBinderError, RequiredHeaderMissingError
+from server.errors import InvalidPartnerError, KeyBinderError
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
 from server.grpc_api import converters
 from server.grpc_api.status import internal_status, to_status
 from server.observability import Rpc, otps_sent
+from server.partners import Partner, PartnerAuthenticator, certificate_fingerprint
 from server.service import KeyBinderService
 
 log = logging.getLogger(__name__)
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+#: What an RPC method implements: the request and the authenticated partner id.
+Method = Callable[[Any, Req, str], Awaitable[Resp]]
+#: What gRPC calls.
 Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
 
-
-def partner_id(context: grpc.aio.ServicerContext) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == "partner-id" and isinstance(value, str) and value:
-            return value
-    raise RequiredHeaderMissingError("the partner-id header is required")
+PARTNER_ID_HEADER = "partner-id"
+API_KEY_HEADER = "partner-api-key"
 
 
-def mapped_errors(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    """Turn domain errors into their status; anything unforeseen into a generic INTERNAL."""
+def partner_headers(context: grpc.aio.ServicerContext) -> tuple[str | None, str | None]:
+    """The partner-id and partner-api-key values; two different values of one header are refused."""
+    partner: str | None = None
+    key: str | None = None
+    for name, value in context.invocation_metadata() or ():
+        if name == PARTNER_ID_HEADER and isinstance(value, str):
+            if partner is not None and value != partner:
+                raise InvalidPartnerError("the partner-id header is repeated with different values")
+            partner = value
+        elif name == API_KEY_HEADER and isinstance(value, str):
+            if key is not None and value != key:
+                raise InvalidPartnerError("the partner-api-key header is repeated with different values")
+            key = value
+    return partner, key
+
+
+def authenticated(method: Method[Req, Resp]) -> Handler[Req, Resp]:
+    """Authenticate the partner, then run the method; domain errors become their status, anything
+    unforeseen a generic INTERNAL. Every KeyBinderService RPC goes through here; health and reflection
+    are other services and stay open."""
 
     name = method.__name__
 
     @functools.wraps(method)
-    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+    async def wrapper(self: KeyBinderServicer, request: Req, context: grpc.aio.ServicerContext) -> Resp:
         # Observability: request context for logs, the access-log line (with a refusal's reason and
         # cause) and metrics at the end, x-request-id in the trailing metadata (see server.observability).
         with Rpc(name, context) as rpc:
             try:
-                return await method(self, request, context)
+                partner = await self.authenticate(context)
+                return await method(self, request, partner)
             except KeyBinderError as err:
                 rpc.refused(err)
                 await context.abort_with_status(rpc.status(to_status(err)))
@@ -63,9 +82,19 @@ def mapped_errors(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
 
 
 class KeyBinderServicer(pb_grpc.KeyBinderServiceServicer):
-    def __init__(self, service: KeyBinderService, executor: Executor | None) -> None:
+    def __init__(
+        self,
+        service: KeyBinderService,
+        executor: Executor | None,
+        partners: PartnerAuthenticator,
+        *,
+        client_certificates: bool = False,
+    ) -> None:
         self.service = service
         self.executor = executor
+        self.partners = partners
+        #: mTLS is on: a client certificate registered to a partner authenticates it.
+        self.client_certificates = client_certificates
 
     async def _run(self, fn: Callable[[], Resp]) -> Resp:
         # Service calls block on the HSM and the database: on a thread pool they overlap those waits;
@@ -76,22 +105,47 @@ class KeyBinderServicer(pb_grpc.KeyBinderServiceServicer):
         # The request context (server.logs) follows the call: run_in_executor does not copy it.
         return await asyncio.get_running_loop().run_in_executor(self.executor, contextvars.copy_context().run, fn)
 
-    @mapped_errors
+    async def _partner(self, cache_key: str) -> Partner | None:
+        # From the cache on the event loop; only a miss (a database read) goes to a thread.
+        hit, partner = self.partners.cached(cache_key)
+        if hit:
+            return partner
+        return await self._run(lambda: self.partners.fetch(cache_key))
+
+    async def authenticate(self, context: grpc.aio.ServicerContext) -> str:
+        """The partner this request comes from: a registered client certificate, else partner-id + API key."""
+        partner_id, api_key = partner_headers(context)
+        if self.client_certificates:
+            certs = context.auth_context().get("x509_pem_cert")
+            if certs:
+                by_cert = await self._partner("cert:" + certificate_fingerprint(certs[0]))
+                if by_cert is not None:
+                    return self.partners.verify_certificate(partner_id, api_key, by_cert)
+        pid, key = self.partners.check_headers(partner_id, api_key)
+        cache_key = "id:" + pid
+        try:
+            return self.partners.verify_key(pid, key, await self._partner(cache_key))
+        except InvalidPartnerError:
+            if not self.partners.worth_refreshing(cache_key):
+                raise
+        # Refused by a cached record: the key may have just been rotated. Read the partner again (at most
+        # once a second per partner, whatever a caller with a wrong key does).
+        return self.partners.verify_key(pid, key, await self._run(lambda: self.partners.fetch(cache_key)))
+
+    @authenticated
     async def SendBindingOtp(  # noqa: N802 - name fixed by the proto
-        self, request: pb.SendBindingOtpRequest, context: grpc.aio.ServicerContext
+        self, request: pb.SendBindingOtpRequest, partner: str
     ) -> pb.SendBindingOtpResponse:
-        partner = partner_id(context)
         result = await self._run(
             lambda: self.service.send_binding_otp(partner, request.individual_id, list(request.otp_channels))
         )
         otps_sent(request.otp_channels)  # observability: OTPs sent by channel
         return converters.send_otp_to_proto(result)
 
-    @mapped_errors
+    @authenticated
     async def DoKeyBinding(  # noqa: N802
-        self, request: pb.DoKeyBindingRequest, context: grpc.aio.ServicerContext
+        self, request: pb.DoKeyBindingRequest, partner: str
     ) -> pb.DoKeyBindingResponse:
-        partner = partner_id(context)
         challenges = converters.challenges_from_proto(request.challenges)
         result = await self._run(
             lambda: self.service.do_key_binding(
@@ -105,19 +159,17 @@ class KeyBinderServicer(pb_grpc.KeyBinderServiceServicer):
         )
         return converters.key_binding_to_proto(result)
 
-    @mapped_errors
+    @authenticated
     async def GetSupportedChallengeFormats(  # noqa: N802
-        self, request: pb.GetSupportedChallengeFormatsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetSupportedChallengeFormatsRequest, partner: str
     ) -> pb.GetSupportedChallengeFormatsResponse:
-        self.service.check_partner(partner_id(context))
         formats = self.service.get_supported_challenge_formats(request.auth_factor_type)
         return pb.GetSupportedChallengeFormatsResponse(formats=formats)
 
-    @mapped_errors
+    @authenticated
     async def VerifyWalletToken(  # noqa: N802
-        self, request: pb.VerifyWalletTokenRequest, context: grpc.aio.ServicerContext
+        self, request: pb.VerifyWalletTokenRequest, partner: str
     ) -> pb.VerifyWalletTokenResponse:
-        partner = partner_id(context)
         result = await self._run(
             lambda: self.service.verify_wallet_token(
                 partner, request.token, request.individual_id, request.expected_audience, request.bind_auth_factor_type
@@ -125,19 +177,17 @@ class KeyBinderServicer(pb_grpc.KeyBinderServiceServicer):
         )
         return converters.wallet_token_to_proto(result)
 
-    @mapped_errors
+    @authenticated
     async def GetIssuerCertificates(  # noqa: N802
-        self, request: pb.GetIssuerCertificatesRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetIssuerCertificatesRequest, partner: str
     ) -> pb.GetIssuerCertificatesResponse:
-        self.service.check_partner(partner_id(context))
         certificates = await self._run(self.service.issuer_certificates)
         return converters.issuers_to_proto(certificates)
 
-    @mapped_errors
+    @authenticated
     async def RevokeBinding(  # noqa: N802
-        self, request: pb.RevokeBindingRequest, context: grpc.aio.ServicerContext
+        self, request: pb.RevokeBindingRequest, partner: str
     ) -> pb.RevokeBindingResponse:
-        partner = partner_id(context)
         challenges = converters.challenges_from_proto(request.challenges)
         revoked = await self._run(
             lambda: self.service.revoke_binding(
@@ -149,11 +199,10 @@ class KeyBinderServicer(pb_grpc.KeyBinderServiceServicer):
             thumbprint=revoked.cert_thumbprint, revoked_at=converters.timestamp(revoked.revoked_at)
         )
 
-    @mapped_errors
+    @authenticated
     async def GetBinding(  # noqa: N802
-        self, request: pb.GetBindingRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetBindingRequest, partner: str
     ) -> pb.GetBindingResponse:
-        partner = partner_id(context)
         binding, status = await self._run(
             lambda: self.service.get_binding(
                 partner,
@@ -164,10 +213,9 @@ class KeyBinderServicer(pb_grpc.KeyBinderServiceServicer):
         )
         return converters.binding_to_proto(binding, status)
 
-    @mapped_errors
+    @authenticated
     async def GetBindingNonce(  # noqa: N802
-        self, request: pb.GetBindingNonceRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetBindingNonceRequest, partner: str
     ) -> pb.GetBindingNonceResponse:
-        partner = partner_id(context)
         nonce, expires = await self._run(lambda: self.service.get_binding_nonce(partner, request.individual_id))
         return pb.GetBindingNonceResponse(nonce=nonce, expires_at=converters.timestamp(expires))

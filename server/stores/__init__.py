@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Protocol
 
 from server.domain import Binding
+from server.partners import PartnerStore
 from server.ports import (
     AuditLog,
     BindingStore,
@@ -20,7 +21,16 @@ from server.ports import (
 
 
 class Store(
-    IdentityStore, OtpStore, BindingStore, IssuerStore, ReplayCache, NonceStore, LimitStore, AuditLog, Protocol
+    IdentityStore,
+    OtpStore,
+    BindingStore,
+    IssuerStore,
+    ReplayCache,
+    NonceStore,
+    LimitStore,
+    AuditLog,
+    PartnerStore,
+    Protocol,
 ):
     """Everything one backend module provides: every port, plus what operators and tests need."""
 

@@ -19,6 +19,7 @@ from yoyo import get_backend, read_migrations
 from server.audit import GENESIS, AuditEvent, AuditRow
 from server.domain import Binding, BindingStatus, Identity, IssuerRecord, OtpRecord
 from server.limits import FailureState, Limits, RateRule, Window, after_failure, seconds_until
+from server.partners import Partner, PartnerCertificateInUse
 from server.ports import KeyOwnedByOther, OtpAlreadyUsed, RateLimited, StoreUnavailable
 
 T = TypeVar("T")
@@ -37,7 +38,7 @@ LOCK_NAMESPACE: Final = 0x4B42
 
 TABLES: Final = (
     *("individuals", "otps", "bindings", "wallet_keys", "issuers", "wla_jtis", "binding_nonces"),
-    *("individual_limits", "partner_limits", "audit_log"),
+    *("individual_limits", "partner_limits", "audit_log", "partners"),
 )
 
 # -- SQL ------------------------------------------------------------------------------------
@@ -219,6 +220,22 @@ SQL_AUDIT_PAGE: Final = (
 )
 #: First key of the advisory locks of partner and admin chains ("KA"); an individual's chain uses its lock.
 AUDIT_LOCK_NAMESPACE: Final = 0x4B41
+
+# -- partners (the sec-auth change) --
+# partners is a small reference table (replicated to every node), not per-individual: no id_hmac here.
+PARTNER_COLUMNS: Final = "partner_id, api_key_sha256, enabled, client_cert_sha256, created_at, updated_at"
+SQL_ADD_PARTNER: Final = (
+    "INSERT INTO partners (partner_id, api_key_sha256, enabled, client_cert_sha256, created_at, updated_at)"
+    " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (partner_id) DO NOTHING"
+)
+SQL_GET_PARTNER: Final = f"SELECT {PARTNER_COLUMNS} FROM partners WHERE partner_id = %s"  # noqa: S608
+SQL_PARTNER_BY_CERTIFICATE: Final = f"SELECT {PARTNER_COLUMNS} FROM partners WHERE client_cert_sha256 = %s"  # noqa: S608
+SQL_LIST_PARTNERS: Final = f"SELECT {PARTNER_COLUMNS} FROM partners ORDER BY partner_id"  # noqa: S608
+SQL_SET_PARTNER_ENABLED: Final = "UPDATE partners SET enabled = %s, updated_at = %s WHERE partner_id = %s"
+SQL_SET_PARTNER_KEY: Final = "UPDATE partners SET api_key_sha256 = %s, updated_at = %s WHERE partner_id = %s"
+SQL_SET_PARTNER_CERTIFICATE: Final = (
+    "UPDATE partners SET client_cert_sha256 = %s, updated_at = %s WHERE partner_id = %s"
+)
 
 # Admin and test helper only: whole-table counts fan out to every shard.
 COUNT_SQL: Final = {table: f"SELECT count(*) FROM {table}" for table in TABLES}  # noqa: S608 (fixed names)
@@ -736,6 +753,53 @@ class PostgresStore:
             for r in rows
         ]
 
+    # -- partners (PartnerStore; the sec-auth change) -------------------------------------
+
+    def add_partner(self, partner: Partner) -> bool:
+        p = partner
+
+        def work(cur: Cur) -> bool:
+            cur.execute(
+                SQL_ADD_PARTNER,
+                (p.partner_id, p.api_key_hash, p.enabled, p.client_cert_sha256, _utc(p.created_at), _utc(p.updated_at)),
+            )
+            return cur.rowcount == 1
+
+        try:
+            return self._run(work, write=True, retry_conflict=False)
+        except pg_errors.UniqueViolation as err:  # the only other unique column: the certificate
+            raise PartnerCertificateInUse("the client certificate is registered to another partner") from err
+
+    def get_partner(self, partner_id: str) -> Partner | None:
+        rows = self._read(SQL_GET_PARTNER, (partner_id,))
+        return _partner(rows[0]) if rows else None
+
+    def partner_by_certificate(self, fingerprint: str) -> Partner | None:
+        rows = self._read(SQL_PARTNER_BY_CERTIFICATE, (fingerprint,))
+        return _partner(rows[0]) if rows else None
+
+    def list_partners(self) -> Sequence[Partner]:
+        return [_partner(r) for r in self._read(SQL_LIST_PARTNERS, ())]
+
+    def _update_partner(self, sql: str, params: tuple[object, ...]) -> bool:
+        def work(cur: Cur) -> bool:
+            cur.execute(sql, params)
+            return cur.rowcount == 1
+
+        try:
+            return self._run(work, write=True, retry_conflict=False)
+        except pg_errors.UniqueViolation as err:
+            raise PartnerCertificateInUse("the client certificate is registered to another partner") from err
+
+    def set_partner_enabled(self, partner_id: str, enabled: bool, now: datetime) -> bool:
+        return self._update_partner(SQL_SET_PARTNER_ENABLED, (enabled, _utc(now), partner_id))
+
+    def set_partner_key(self, partner_id: str, api_key_hash: bytes, now: datetime) -> bool:
+        return self._update_partner(SQL_SET_PARTNER_KEY, (api_key_hash, _utc(now), partner_id))
+
+    def set_partner_certificate(self, partner_id: str, fingerprint: str | None, now: datetime) -> bool:
+        return self._update_partner(SQL_SET_PARTNER_CERTIFICATE, (fingerprint, _utc(now), partner_id))
+
 
 def _opt_utc(value: datetime | None) -> datetime | None:
     return _utc(value) if value is not None else None
@@ -751,6 +815,18 @@ def _refused_for(row: Sequence[Any] | None, now: datetime, rule: RateRule) -> in
     assert row is not None
     start, count = row
     return seconds_until(_utc(start) + rule.window, now) if count > rule.limit else 0
+
+
+def _partner(r: Sequence[Any]) -> Partner:
+    partner_id, api_key_hash, enabled, client_cert_sha256, created_at, updated_at = r
+    return Partner(
+        partner_id=partner_id,
+        api_key_hash=bytes(api_key_hash),
+        enabled=bool(enabled),
+        client_cert_sha256=client_cert_sha256,
+        created_at=_utc(created_at),
+        updated_at=_utc(updated_at),
+    )
 
 
 def _binding(r: Sequence[Any]) -> Binding:

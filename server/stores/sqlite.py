@@ -14,12 +14,13 @@ from yoyo import get_backend, read_migrations
 from server.audit import GENESIS, AuditEvent, AuditRow, link_hash
 from server.domain import Binding, BindingStatus, Identity, IssuerRecord, OtpRecord
 from server.limits import FailureState, Limits, RateRule, Window, after_failure, seconds_until
+from server.partners import Partner, PartnerCertificateInUse
 from server.ports import KeyOwnedByOther, OtpAlreadyUsed, RateLimited, StoreUnavailable
 
 BUSY_TIMEOUT_SECONDS = 5.0
 TABLES = frozenset(
     {"individuals", "otps", "bindings", "wallet_keys", "issuers", "wla_jtis", "binding_nonces"}
-    | {"individual_limits", "partner_limits", "audit_log"}
+    | {"individual_limits", "partner_limits", "audit_log", "partners"}
 )
 
 
@@ -509,6 +510,65 @@ class SqliteStore:
             for r in rows
         ]
 
+    # -- partners (PartnerStore; the sec-auth change) -------------------------------------
+
+    def add_partner(self, partner: Partner) -> bool:
+        try:
+            with self._tx() as conn:
+                cur = conn.execute(
+                    "INSERT INTO partners (partner_id, api_key_sha256, client_cert_sha256, enabled, created_at,"
+                    " updated_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (partner_id) DO NOTHING",
+                    (
+                        partner.partner_id,
+                        partner.api_key_hash,
+                        partner.client_cert_sha256,
+                        int(partner.enabled),
+                        ts(partner.created_at),
+                        ts(partner.updated_at),
+                    ),
+                )
+                return cur.rowcount == 1
+        except sqlite3.IntegrityError as err:  # the only other unique column: the certificate
+            raise PartnerCertificateInUse("the client certificate is registered to another partner") from err
+
+    def get_partner(self, partner_id: str) -> Partner | None:
+        rows = self._query("SELECT * FROM partners WHERE partner_id = ?", (partner_id,))
+        return _partner(rows[0]) if rows else None
+
+    def partner_by_certificate(self, fingerprint: str) -> Partner | None:
+        rows = self._query("SELECT * FROM partners WHERE client_cert_sha256 = ?", (fingerprint,))
+        return _partner(rows[0]) if rows else None
+
+    def list_partners(self) -> Sequence[Partner]:
+        return [_partner(r) for r in self._query("SELECT * FROM partners ORDER BY partner_id", ())]
+
+    def set_partner_enabled(self, partner_id: str, enabled: bool, now: datetime) -> bool:
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE partners SET enabled = ?, updated_at = ? WHERE partner_id = ?",
+                (int(enabled), ts(now), partner_id),
+            )
+            return cur.rowcount == 1
+
+    def set_partner_key(self, partner_id: str, api_key_hash: bytes, now: datetime) -> bool:
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE partners SET api_key_sha256 = ?, updated_at = ? WHERE partner_id = ?",
+                (api_key_hash, ts(now), partner_id),
+            )
+            return cur.rowcount == 1
+
+    def set_partner_certificate(self, partner_id: str, fingerprint: str | None, now: datetime) -> bool:
+        try:
+            with self._tx() as conn:
+                cur = conn.execute(
+                    "UPDATE partners SET client_cert_sha256 = ?, updated_at = ? WHERE partner_id = ?",
+                    (fingerprint, ts(now), partner_id),
+                )
+                return cur.rowcount == 1
+        except sqlite3.IntegrityError as err:
+            raise PartnerCertificateInUse("the client certificate is registered to another partner") from err
+
 
 SQL_IDENTITY_AND_LOCK = (
     "SELECT email, phone, name, pin_hmac, locked_until FROM individuals LEFT JOIN individual_limits USING (id_hmac)"
@@ -567,6 +627,17 @@ def _opt_ts(value: str | None) -> datetime | None:
 
 def _opt_text(value: datetime | None) -> str | None:
     return ts(value) if value is not None else None
+
+
+def _partner(r: sqlite3.Row) -> Partner:
+    return Partner(
+        partner_id=r["partner_id"],
+        api_key_hash=bytes(r["api_key_sha256"]),
+        enabled=bool(r["enabled"]),
+        client_cert_sha256=r["client_cert_sha256"],
+        created_at=parse_ts(r["created_at"]),
+        updated_at=parse_ts(r["updated_at"]),
+    )
 
 
 def _binding(r: sqlite3.Row) -> Binding:

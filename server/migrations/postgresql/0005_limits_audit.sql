@@ -1,4 +1,4 @@
--- depends: 0003_shard_keys
+-- depends: 0004_partners
 -- Abuse limits shared by every replica, and the hash-chained audit trail (see server/audit.py).
 
 -- Distribution column: id_hmac (the primary key). One row per individual, known or not: failures for

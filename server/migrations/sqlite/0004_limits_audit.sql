@@ -1,4 +1,4 @@
--- depends: 0002_wla_revocation
+-- depends: 0003_partners
 -- Abuse limits shared by every process, and the hash-chained audit trail (see server/audit.py).
 
 -- One row per individual (known or not: failures for unknown IDs count the same, so lockouts reveal nothing).
