@@ -39,7 +39,6 @@ class Settings(BaseSettings):
     )
     hmac_key_label: str = Field("keybinder-hmac", description="Label of the HMAC secret key on the token.")
     issuer_key_type: KeyKind = Field(KeyKind.EC_P256, description="ec-p256, ec-p384, rsa-3072 or ed25519.")
-    issuer_validity_days: int = Field(1095, ge=1, description="Validity of a new issuer certificate.")
     cert_validity_days: int = Field(365, ge=1, le=3650, description="Validity of wallet certificates.")
     otp_ttl_seconds: int = Field(180, ge=10, le=3600, description="How long an OTP stays usable.")
     otp_max_attempts: int = Field(3, ge=1, le=10, description="Verification attempts per OTP.")
@@ -69,6 +68,14 @@ class Settings(BaseSettings):
     workers: int = Field(0, ge=0, le=256, description="Serving processes on one port; 0 means one per CPU.")
     health_probe_seconds: float = Field(5.0, gt=0, le=300, description="Interval of the HSM + database probe.")
     log_level: str = Field("INFO", description="Python logging level.")
+    # -- issuer key lifecycle (README "Issuer key rotation") --
+    issuer_validity_days: int = Field(1095, ge=1, le=36500, description="Validity of a new issuer certificate.")
+    issuer_rotation_window_days: int = Field(
+        60, ge=0, le=3650, description="Before its notAfter, the active issuer key hands signing to a newer key."
+    )
+    issuer_cache_seconds: float = Field(
+        30.0, ge=0, le=3600, description="How long a server reuses the issuer list; a rotation reaches it within this."
+    )
 
     @field_validator("data_dir")
     @classmethod
@@ -155,6 +162,8 @@ class Settings(BaseSettings):
             wla_max_lifetime_seconds=self.wla_max_lifetime_seconds,
             proof_of_possession=self.proof_of_possession,
             proof_of_possession_by_partner=tuple(sorted(self.proof_of_possession_by_partner.items())),
+            issuer_rotation_window_days=self.issuer_rotation_window_days,
+            issuer_cache_seconds=self.issuer_cache_seconds,
         )
 
     def apply_environment(self) -> None:
