@@ -48,18 +48,22 @@ def may_sign_from(record: IssuerRecord) -> datetime:
     return record.not_before or record.created_at
 
 
+def _newest(record: IssuerRecord) -> tuple[datetime, datetime]:
+    return record.created_at, may_sign_from(record)
+
+
 def signing_issuer(records: Iterable[IssuerRecord], now: datetime, window: timedelta) -> IssuerRecord | None:
     """The key that signs at ``now``.
 
-    The newest key (latest not_before) that has started and is still outside its own pre-expiry
-    window. When every started key is inside its window (no rotation happened in time), the one
-    that lives longest, so wallet certificates are cut short as little as possible; None when no
-    installed key is valid at ``now``.
+    The newest key (the one generated last: an external CA may backdate notBefore) that has
+    started and is still outside its own pre-expiry window. When every started key is inside its
+    window (no rotation happened in time), the one that lives longest, so wallet certificates are
+    cut short as little as possible; None when no installed key is valid at ``now``.
     """
     started = [r for r in records if may_sign_from(r) <= now < r.not_after]
     fresh = [r for r in started if now < r.not_after - window]
     if fresh:
-        return max(fresh, key=lambda r: (may_sign_from(r), r.created_at))
+        return max(fresh, key=_newest)
     if started:
         return max(started, key=lambda r: (r.not_after, r.created_at))
     return None
@@ -81,7 +85,7 @@ def published_issuers(records: Sequence[IssuerRecord], now: datetime, window: ti
     active = signing_issuer(records, now, window)
     rest = sorted(
         (r for r in records if r is not active and state_of(r, active, now) is not IssuerState.EXPIRED),
-        key=lambda r: (may_sign_from(r), r.created_at),
+        key=_newest,
         reverse=True,
     )
     return ([active] if active is not None else []) + rest
@@ -105,7 +109,7 @@ def issuer_statuses(
     """Every key with its state at ``now``, newest first (pending keys first of all)."""
     active = signing_issuer(records, now, window)
     statuses = [IssuerStatus(p.key_label, p.key_kind, IssuerState.PENDING, None, None, p.created_at) for p in pending]
-    for r in sorted(records, key=lambda r: (may_sign_from(r), r.created_at), reverse=True):
+    for r in sorted(records, key=_newest, reverse=True):
         statuses.append(
             IssuerStatus(r.key_label, r.key_kind, state_of(r, active, now), may_sign_from(r), r.not_after, r.created_at)
         )

@@ -573,16 +573,16 @@ class KeyBinderService:
         binding costs no issuer query and a key rotated by another process is picked up within the TTL."""
         cache = self._issuer_cache
         records = cache.records
-        if not force and records is not None and time.monotonic() - cache.loaded_at < self.policy.issuer_cache_seconds:
+        if not force and records is not None and cache.monotonic() - cache.loaded_at < self.policy.issuer_cache_seconds:
             return records
         with cache.lock:
             if not force and cache.records is not None and cache.records is not records:
                 return cache.records  # another thread refreshed it meanwhile
             fresh = tuple(self.issuers.issuers())
-            cache.records, cache.loaded_at = fresh, time.monotonic()
+            cache.records, cache.loaded_at = fresh, cache.monotonic()
         warning = rotation_due(fresh, self.clock.now(), self._rotation_window)
-        if warning is not None and time.monotonic() - cache.warned_at >= ISSUER_WARNING_INTERVAL_SECONDS:
-            cache.warned_at = time.monotonic()
+        if warning is not None and cache.monotonic() - cache.warned_at >= ISSUER_WARNING_INTERVAL_SECONDS:
+            cache.warned_at = cache.monotonic()
             log.warning("issuer keys: %s; run `keybinder keys rotate`", warning)
         return fresh
 
@@ -617,3 +617,5 @@ class IssuerCache:
         self.loaded_at = 0.0
         self.warned_at = -ISSUER_WARNING_INTERVAL_SECONDS
         self.loaded: dict[str, Issuer] = {}
+        #: The TTL's clock: monotonic, so a stepped wall clock neither freezes nor floods the cache.
+        self.monotonic: Callable[[], float] = time.monotonic
