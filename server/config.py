@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -81,6 +81,13 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().absolute()
+
+    @model_validator(mode="after")
+    def _rotation_window_inside_validity(self) -> Settings:
+        # A window as long as the validity would put every new issuer key in it from its first day.
+        if self.issuer_rotation_window_days >= self.issuer_validity_days:
+            raise ValueError("issuer_rotation_window_days must be shorter than issuer_validity_days")
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -37,7 +37,7 @@ from server.app import (
     rotate_issuer,
 )
 from server.challenges import Challenge
-from server.config import Settings
+from server.config import Settings, load_settings
 from server.demo import new_wallet_key
 from server.domain import IssuerRecord, PendingIssuer
 from server.errors import KeyBindingFailedError
@@ -678,3 +678,23 @@ def test_replicas_pick_up_a_rotation_within_the_cache_ttl(settings: Settings, tm
         finally:
             for app in replicas:
                 app.close()
+
+
+# -- settings ---------------------------------------------------------------------------------
+
+
+def test_lifecycle_settings_reach_the_policy_and_are_checked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("KEYBINDER_ISSUER_ROTATION_WINDOW_DAYS", "90")
+    monkeypatch.setenv("KEYBINDER_ISSUER_CACHE_SECONDS", "5")
+    settings = load_settings(data_dir=tmp_path)
+    assert (settings.issuer_validity_days, settings.issuer_rotation_window_days) == (1095, 90)
+    policy = settings.policy()
+    assert (policy.issuer_rotation_window_days, policy.issuer_cache_seconds) == (90, 5.0)
+    monkeypatch.delenv("KEYBINDER_ISSUER_ROTATION_WINDOW_DAYS")
+    monkeypatch.delenv("KEYBINDER_ISSUER_CACHE_SECONDS")
+    defaults = load_settings(data_dir=tmp_path)
+    assert (defaults.issuer_rotation_window_days, defaults.issuer_cache_seconds) == (60, 30.0)
+    with pytest.raises(ValueError, match="shorter than issuer_validity_days"):
+        load_settings(data_dir=tmp_path, issuer_validity_days=30, issuer_rotation_window_days=30)
+    with pytest.raises(ValueError, match="issuer_cache_seconds"):
+        load_settings(data_dir=tmp_path, issuer_cache_seconds=-1)
