@@ -267,11 +267,13 @@ def rotate_issuer(
     store = open_store(settings.database)
     try:
         known = {r.key_label for r in store.issuers()} | {p.key_label for p in store.pending_issuers()}
-        label = _fresh_label(keys, known, settings.pkcs11_uri.object or DEFAULT_ISSUER_LABEL, now)
+        base = settings.pkcs11_uri.object or DEFAULT_ISSUER_LABEL
+        label = _fresh_label(keys, known, base, now)
         kind = settings.issuer_key_type
         keys.create_key(label, kind)
         signer = keys.create_signer(label)
-        common_name = f"KeyBinder Issuer {label.rsplit('-', 2)[-2]}-{label.rsplit('-', 1)[-1]}"
+        # Unique per key (date and random suffix), so no two issuers share a subject name.
+        common_name = f"KeyBinder Issuer {label.removeprefix(base + '-')}"
         if csr_path is not None:
             csr = build_issuer_csr(signer, common_name=common_name)
             csr_pem = csr.public_bytes(serialization.Encoding.PEM).decode("ascii")

@@ -137,7 +137,7 @@ def issuer_show(config: ConfigOpt = None, data_dir: DataDirOpt = None, database_
     finally:
         store.close()
     if not chain:
-        raise _fail(RuntimeError("no issuer certificate; run `keybinder init`"))
+        raise _fail(RuntimeError("no valid issuer certificate; run `keybinder init` or `keybinder keys rotate`"))
     typer.echo(chain, nl=False)
 
 
