@@ -616,6 +616,17 @@ def test_near_its_end_the_issuer_cuts_certificates_short_warns_and_hands_over_af
     assert published[0].public_key() == own_app.service.active_issuer().signer.public_key()
 
 
+def test_the_health_probe_warns_of_a_due_rotation_but_passes(own_app: App, caplog: pytest.LogCaptureFixture) -> None:
+    (old,) = own_app.store.issuers()
+    own_app.service.clock = Clock(old.not_after - 10 * DAY)
+    with caplog.at_level(logging.WARNING, logger="server.service"):
+        own_app.probe()  # no exception: health stays SERVING
+        own_app.probe()
+    warnings = [r.getMessage() for r in caplog.records if "keys rotate" in r.getMessage()]
+    assert len(warnings) == 1, "warned once, not at every probe"
+    assert old.key_label in warnings[0]
+
+
 def test_with_no_valid_issuer_binding_fails_cleanly(own_app: App) -> None:
     (old,) = own_app.store.issuers()
     own_app.service.clock = Clock(old.not_after + DAY)
