@@ -1,4 +1,4 @@
-"""The `keybinder` command line: init, serve, issuer, identities, partners, audit, demo."""
+"""The `keybinder` command line: init, serve, issuer, keys, identities, partners, audit, demo."""
 
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ app = typer.Typer(
 )
 issuer_app = typer.Typer(help="Issuer certificates.", no_args_is_help=True)
 identities_app = typer.Typer(help="The identity registry.", no_args_is_help=True)
+keys_app = typer.Typer(help="Issuer key lifecycle: list, rotate, import a CA-signed certificate.", no_args_is_help=True)
 app.add_typer(issuer_app, name="issuer")
+app.add_typer(keys_app, name="keys")
 app.add_typer(identities_app, name="identities")
 audit_app = typer.Typer(help="The hash-chained audit trail.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
@@ -201,12 +203,116 @@ def issuer_show(config: ConfigOpt = None, data_dir: DataDirOpt = None, database_
     settings = _settings(config, data_dir, database_url, None)
     store = open_store(settings.database)
     try:
-        chain = issuer_chain_pem(store)
+        chain = issuer_chain_pem(store, rotation_window_days=settings.issuer_rotation_window_days)
     finally:
         store.close()
     if not chain:
-        raise _fail(RuntimeError("no issuer certificate; run `keybinder init`"))
+        raise _fail(RuntimeError("no valid issuer certificate; run `keybinder init` or `keybinder keys rotate`"))
     typer.echo(chain, nl=False)
+
+
+@keys_app.command("list")
+def keys_list(config: ConfigOpt = None, data_dir: DataDirOpt = None, database_url: DbOpt = None) -> None:
+    """Every issuer key with its state: pending, next, active, retiring or expired."""
+    from server.app import issuer_key_statuses
+
+    settings = _settings(config, data_dir, database_url, None)
+    statuses = issuer_key_statuses(settings)
+    if not statuses:
+        raise _fail(RuntimeError("no issuer key; run `keybinder init`"))
+
+    def when(t: datetime | None) -> str:
+        return f"{t:%Y-%m-%dT%H:%M:%SZ}" if t is not None else "-"
+
+    rows = [("LABEL", "STATE", "KIND", "NOT BEFORE", "NOT AFTER")]
+    rows += [(s.key_label, str(s.state), s.key_kind, when(s.not_before), when(s.not_after)) for s in statuses]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _when(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError as err:
+        raise _fail(RuntimeError(f"not an ISO 8601 time: {value!r}")) from err
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    csr: Annotated[
+        Path | None, typer.Option("--csr", help="Write a CSR for an external CA here; the key stays pending.")
+    ] = None,
+    not_before: Annotated[
+        str | None,
+        typer.Option("--not-before", help="Self-signed only: start signing at this ISO 8601 time [default: now]."),
+    ] = None,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+    hsm_uri: HsmOpt = None,
+) -> None:
+    """Generate a new issuer key on the HSM and its self-signed certificate (or a CSR)."""
+    from hsm import HsmError
+    from server.app import IssuerKeyError, rotate_issuer
+    from server.ports import BackendUnavailable
+
+    settings = _settings(config, data_dir, database_url, hsm_uri)
+    try:
+        report = rotate_issuer(settings, csr_path=csr, not_before=_when(not_before))
+    except (IssuerKeyError, HsmError, BackendUnavailable, OSError) as err:
+        raise _fail(err) from err
+    if csr is not None:
+        typer.echo(f"created  issuer key {report.key_label!r} (pending); CSR written to {csr}")
+        typer.echo(f"next:    keybinder keys import-cert <signed.pem> --label {report.key_label}")
+    else:
+        typer.echo(f"created  issuer key {report.key_label!r} ({report.state}) until {report.not_after:%Y-%m-%d}")
+
+
+@keys_app.command("import-cert")
+def keys_import_cert(
+    certificate: Annotated[Path, typer.Argument(help="The CA-signed issuer certificate (PEM or DER).")],
+    chain: Annotated[
+        Path | None, typer.Option("--chain", help="PEM of the CA certificates above it, intermediates first.")
+    ] = None,
+    label: Annotated[
+        str | None, typer.Option("--label", help="The pending key [default: the one whose key matches].")
+    ] = None,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+    hsm_uri: HsmOpt = None,
+) -> None:
+    """Install the CA-signed certificate of a key made with `keys rotate --csr`."""
+    from hsm import HsmError
+    from server.app import IssuerKeyError, import_issuer_certificate
+    from server.ports import BackendUnavailable
+
+    settings = _settings(config, data_dir, database_url, hsm_uri)
+    try:
+        report = import_issuer_certificate(settings, certificate, chain_path=chain, label=label)
+    except (IssuerKeyError, HsmError, BackendUnavailable) as err:
+        raise _fail(err) from err
+    typer.echo(f"installed issuer key {report.key_label!r} ({report.state}) until {report.not_after:%Y-%m-%d}")
+
+
+@keys_app.command("csr")
+def keys_csr(
+    label: Annotated[str, typer.Argument(help="A pending key's label.")],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+) -> None:
+    """Print the CSR of a pending key again."""
+    from server.app import IssuerKeyError, pending_csr
+
+    settings = _settings(config, data_dir, database_url, None)
+    try:
+        typer.echo(pending_csr(settings, label), nl=False)
+    except IssuerKeyError as err:
+        raise _fail(err) from err
 
 
 def _with_app(settings: Settings) -> Any:

@@ -44,7 +44,6 @@ class Settings(BaseSettings):
     )
     hmac_key_label: str = Field("keybinder-hmac", description="Label of the HMAC secret key on the token.")
     issuer_key_type: KeyKind = Field(KeyKind.EC_P256, description="ec-p256, ec-p384, rsa-3072 or ed25519.")
-    issuer_validity_days: int = Field(1095, ge=1, description="Validity of a new issuer certificate.")
     cert_validity_days: int = Field(365, ge=1, le=3650, description="Validity of wallet certificates.")
     otp_ttl_seconds: int = Field(180, ge=10, le=3600, description="How long an OTP stays usable.")
     otp_max_attempts: int = Field(3, ge=1, le=10, description="Verification attempts per OTP.")
@@ -170,6 +169,15 @@ class Settings(BaseSettings):
         for name, value in super().__repr_args__():
             yield name, (redact_url(value) if name == "database_url" and isinstance(value, str) else value)
 
+    # -- issuer key lifecycle (README "Issuer key rotation") --
+    issuer_validity_days: int = Field(1095, ge=1, le=36500, description="Validity of a new issuer certificate.")
+    issuer_rotation_window_days: int = Field(
+        60, ge=0, le=3650, description="Before its notAfter, the active issuer key hands signing to a newer key."
+    )
+    issuer_cache_seconds: float = Field(
+        30.0, ge=0, le=3600, description="How long a server reuses the issuer list; a rotation reaches it within this."
+    )
+
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
@@ -183,6 +191,13 @@ class Settings(BaseSettings):
         except re.error as err:
             raise ValueError(f"individual_id_pattern is not a valid regular expression: {err}") from err
         return value
+
+    @model_validator(mode="after")
+    def _rotation_window_inside_validity(self) -> Settings:
+        # A window as long as the validity would put every new issuer key in it from its first day.
+        if self.issuer_rotation_window_days >= self.issuer_validity_days:
+            raise ValueError("issuer_rotation_window_days must be shorter than issuer_validity_days")
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -273,6 +288,8 @@ class Settings(BaseSettings):
             proof_of_possession=self.proof_of_possession,
             proof_of_possession_by_partner=tuple(sorted(self.proof_of_possession_by_partner.items())),
             limits=self.limits(),
+            issuer_rotation_window_days=self.issuer_rotation_window_days,
+            issuer_cache_seconds=self.issuer_cache_seconds,
         )
 
     def limits(self) -> Limits:

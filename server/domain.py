@@ -70,10 +70,29 @@ class Binding:
 
 @dataclass(frozen=True, slots=True)
 class IssuerRecord:
+    """An installed issuer key: its certificate (and the CA chain above it, if a CA signed it).
+
+    ``not_before`` is when the key may start signing (the certificate's notBefore); a store given
+    None records ``created_at``. ``not_after`` is the earliest notAfter of the certificate and its
+    chain: no wallet certificate signed by the key may outlive it.
+    """
+
     key_label: str
     key_kind: str
     certificate_pem: str
     not_after: datetime
+    created_at: datetime
+    not_before: datetime | None = None
+    chain_pem: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PendingIssuer:
+    """A key made for an external CA: its CSR is out, no certificate is installed; it never signs."""
+
+    key_label: str
+    key_kind: str
+    csr_pem: str
     created_at: datetime
 
 

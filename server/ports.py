@@ -8,7 +8,7 @@ from typing import Protocol
 
 from server.audit import AuditEvent, AuditRow
 from server.certs import IssuerPrivateKey
-from server.domain import Binding, Identity, IssuerRecord, OtpMessage, OtpRecord
+from server.domain import Binding, Identity, IssuerRecord, OtpMessage, OtpRecord, PendingIssuer
 from server.limits import FailureState, Limits, RateRule
 
 
@@ -138,10 +138,25 @@ class NonceStore(Protocol):
 
 
 class IssuerStore(Protocol):
-    def add_issuer(self, issuer: IssuerRecord) -> None: ...
+    def add_issuer(self, issuer: IssuerRecord) -> None:
+        """Record an installed issuer; a label already recorded (pending or not) is an IntegrityError."""
+        ...
 
     def issuers(self) -> Sequence[IssuerRecord]:
-        """Every issuer, newest first."""
+        """Every installed issuer (never a pending one), newest first."""
+        ...
+
+    def add_pending_issuer(self, pending: PendingIssuer) -> None:
+        """Record a key whose CSR went to an external CA; a label already recorded is an IntegrityError."""
+        ...
+
+    def pending_issuers(self) -> Sequence[PendingIssuer]:
+        """Keys waiting for their certificate, newest first."""
+        ...
+
+    def install_issuer(self, issuer: IssuerRecord) -> bool:
+        """Install the certificate of a pending key, atomically; False (writing nothing) when no key of
+        that label is pending (never made, or installed meanwhile by another operator)."""
         ...
 
 

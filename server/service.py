@@ -9,6 +9,8 @@ import logging
 import re
 import secrets
 import string
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -19,7 +21,7 @@ from cryptography import x509
 from server.audit import AuditEvent, Outcome, individual_event, partner_event, psut_subject
 from server.certs import Issuer, issue_wallet_certificate, to_pem, x5t_s256
 from server.challenges import OTP_LENGTH, Challenge, supported_formats, validate_challenges
-from server.domain import Binding, BindingStatus, Identity, OtpChannel, OtpMessage, OtpRecord
+from server.domain import Binding, BindingStatus, Identity, IssuerRecord, OtpChannel, OtpMessage, OtpRecord
 from server.errors import (
     AuthFailedError,
     BackendUnavailableError,
@@ -44,6 +46,7 @@ from server.errors import (
     TokenReplayedError,
     TooManyAttemptsError,
 )
+from server.issuers import published_certificates, rotation_due, signing_issuer
 from server.jwk import WalletPublicKey, parse_wallet_jwk
 from server.limits import Limits, seconds_until
 from server.ports import (
@@ -112,6 +115,10 @@ class Policy:
     proof_of_possession: str = "optional"
     proof_of_possession_by_partner: tuple[tuple[str, str], ...] = ()
     limits: Limits = field(default_factory=Limits)
+    # Issuer key lifecycle (see server/issuers.py).
+    issuer_rotation_window_days: int = 60
+    #: How long a replica reuses the issuer list it read; a rotation reaches every replica within it.
+    issuer_cache_seconds: float = 30.0
 
     def pop_mode(self, partner_id: str) -> str:
         return dict(self.proof_of_possession_by_partner).get(partner_id, self.proof_of_possession)
@@ -220,7 +227,7 @@ class KeyBinderService:
         self.limit_store = limit_store
         self.audit_log = audit_log
         self._id_pattern = re.compile(policy.individual_id_pattern)
-        self._issuer: Issuer | None = None
+        self._issuer_cache = IssuerCache()
 
     # -- validation helpers ---------------------------------------------------------------
 
@@ -735,33 +742,81 @@ class KeyBinderService:
 
     @backend_errors
     def issuer_certificates(self) -> list[x509.Certificate]:
-        """Every issuer that may have signed a still-valid wallet certificate, newest first.
+        """The active issuer first, then every other key that may have signed a still-valid wallet
+        certificate (retiring) or is about to sign (next), newest first; then the CA certificates
+        above them, if an external CA signed them.
 
         Wallet certificates never outlive their issuer, so an issuer that has not expired is
-        exactly one whose certificates may still be in use.
+        exactly one whose certificates may still be in use. Read from the store on every call (not
+        per binding), so a rotation shows here at once.
         """
-        now = self.clock.now()
-        return [
-            x509.load_pem_x509_certificate(r.certificate_pem.encode())
-            for r in self.issuers.issuers()
-            if r.not_after > now
-        ]
+        return published_certificates(list(self.issuers.issuers()), self.clock.now(), self._rotation_window)
 
     @backend_errors
     def active_issuer(self) -> Issuer:
         """The issuer that signs new wallet certificates now."""
         return self._active_issuer(self.clock.now())
 
+    @property
+    def _rotation_window(self) -> timedelta:
+        return timedelta(days=self.policy.issuer_rotation_window_days)
+
+    def refresh_issuers(self) -> None:
+        """Forget the cached issuer list: the next binding reads it again (after `keys rotate` in-process)."""
+        self._issuer_cache.records = None
+
+    def issuer_warning(self) -> str | None:
+        """Why the issuer keys need an operator now (rotation due, or no valid key), else None."""
+        return rotation_due(self._issuer_records(force=False), self.clock.now(), self._rotation_window)
+
+    def _issuer_records(self, *, force: bool) -> tuple[IssuerRecord, ...]:
+        """The installed issuers, read at most once per ``issuer_cache_seconds`` (monotonic time), so a
+        binding costs no issuer query and a key rotated by another process is picked up within the TTL."""
+        cache = self._issuer_cache
+        records = cache.records
+        if not force and records is not None and cache.monotonic() - cache.loaded_at < self.policy.issuer_cache_seconds:
+            return records
+        with cache.lock:
+            if not force and cache.records is not None and cache.records is not records:
+                return cache.records  # another thread refreshed it meanwhile
+            fresh = tuple(self.issuers.issuers())
+            cache.records, cache.loaded_at = fresh, cache.monotonic()
+        warning = rotation_due(fresh, self.clock.now(), self._rotation_window)
+        if warning is not None and cache.monotonic() - cache.warned_at >= ISSUER_WARNING_INTERVAL_SECONDS:
+            cache.warned_at = cache.monotonic()
+            log.warning("issuer keys: %s; run `keybinder keys rotate`", warning)
+        return fresh
+
     def _active_issuer(self, now: datetime) -> Issuer:
-        cached = self._issuer
-        if cached is not None and cached.certificate.not_valid_after_utc > now:
-            return cached
-        records = list(self.issuers.issuers())
-        for record in records:
-            if record.not_after > now:
-                cert = x509.load_pem_x509_certificate(record.certificate_pem.encode())
-                signer = self.issuer_keys.signer(record.key_label)
-                self._issuer = Issuer(record.key_label, cert, signer)
-                return self._issuer
-        log.error("no unexpired issuer certificate; run `keybinder init`")
-        raise KeyBindingFailedError("key binding failed: no usable issuer")
+        window = self._rotation_window
+        record = signing_issuer(self._issuer_records(force=False), now, window)
+        if record is None:  # perhaps a key was installed since the last read
+            record = signing_issuer(self._issuer_records(force=True), now, window)
+        if record is None:
+            log.error("no valid issuer key; run `keybinder keys rotate`")
+            raise KeyBindingFailedError("key binding failed: no usable issuer")
+        cache = self._issuer_cache
+        issuer = cache.loaded.get(record.key_label)
+        if issuer is None:  # a label's row never changes once installed, so its Issuer is kept for good
+            chain = tuple(x509.load_pem_x509_certificates(record.chain_pem.encode())) if record.chain_pem else ()
+            cert = x509.load_pem_x509_certificate(record.certificate_pem.encode())
+            issuer = Issuer(record.key_label, cert, self.issuer_keys.signer(record.key_label), chain)
+            cache.loaded[record.key_label] = issuer
+            log.info("issuer key %r signs new wallet certificates", record.key_label)
+        return issuer
+
+
+ISSUER_WARNING_INTERVAL_SECONDS = 3600.0
+
+
+class IssuerCache:
+    """A replica's view of the issuers table, and the HSM signers of the keys it has used."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.records: tuple[IssuerRecord, ...] | None = None
+        self.loaded_at = 0.0
+        self.warned_at = -ISSUER_WARNING_INTERVAL_SECONDS
+        self.loaded: dict[str, Issuer] = {}
+        #: The TTL's clock: monotonic, so a stepped wall clock neither freezes nor floods the cache.
+        self.monotonic: Callable[[], float] = time.monotonic

@@ -31,7 +31,7 @@ from server.audit import (
     partner_event,
     verify_chains,
 )
-from server.domain import Binding, BindingStatus, Identity, IssuerRecord, OtpRecord
+from server.domain import Binding, BindingStatus, Identity, IssuerRecord, OtpRecord, PendingIssuer
 from server.limits import Limits, RateRule
 from server.partners import Partner, PartnerCertificateInUse, hash_api_key
 from server.ports import KeyOwnedByOther, OtpAlreadyUsed, RateLimited, StoreConflict, StoreUnavailable
@@ -503,7 +503,15 @@ def test_nonces(store: Store) -> None:
 @contract
 def test_issuers_newest_first(store: Store) -> None:
     records = [
-        IssuerRecord(f"issuer-{n}", "ec-p256", f"PEM {n}", T0 + timedelta(days=365), T0 + timedelta(days=n))
+        IssuerRecord(
+            f"issuer-{n}",
+            "ec-p256",
+            f"PEM {n}",
+            T0 + timedelta(days=365),
+            T0 + timedelta(days=n),
+            not_before=T0 + timedelta(days=n, hours=1),
+            chain_pem=f"CHAIN {n}" if n else "",
+        )
         for n in (2, 0, 1)
     ]
     for r in records:
@@ -512,6 +520,40 @@ def test_issuers_newest_first(store: Store) -> None:
     with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError)):
         store.add_issuer(records[0])
     assert len(store.issuers()) == 3
+    # Without a not_before the key may sign from its creation.
+    store.add_issuer(IssuerRecord("issuer-3", "ec-p256", "PEM 3", T0 + timedelta(days=9), T0 + timedelta(days=3)))
+    assert store.issuers()[0].not_before == T0 + timedelta(days=3)
+
+
+@contract
+def test_pending_issuer_is_installed_once_and_never_listed_before(store: Store) -> None:
+    store.add_issuer(IssuerRecord("old", "ec-p256", "PEM old", T0 + timedelta(days=365), T0, not_before=T0))
+    pending = [PendingIssuer(f"new-{n}", "ec-p384", f"CSR {n}", T0 + timedelta(days=n)) for n in (1, 2)]
+    for p in pending:
+        store.add_pending_issuer(p)
+    assert list(store.pending_issuers()) == pending[::-1]
+    assert [r.key_label for r in store.issuers()] == ["old"]  # a pending key is never an issuer
+    with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError)):
+        store.add_pending_issuer(PendingIssuer("old", "ec-p256", "CSR", T0))  # a label is never reused
+    with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError)):
+        store.add_issuer(IssuerRecord("new-1", "ec-p256", "PEM", T0 + timedelta(days=9), T0))
+
+    signed = IssuerRecord(
+        "new-1",
+        "ec-p384",
+        "PEM new",
+        T0 + timedelta(days=700),
+        pending[0].created_at,
+        not_before=T0 + timedelta(days=5),
+        chain_pem="CA PEM",
+    )
+    assert store.install_issuer(signed)
+    assert not store.install_issuer(replace(signed, certificate_pem="another"))  # installed already
+    assert not store.install_issuer(replace(signed, key_label="old"))  # never pending
+    assert not store.install_issuer(replace(signed, key_label="unknown"))
+    assert [p.key_label for p in store.pending_issuers()] == ["new-2"]
+    assert store.issuers()[0] == signed
+    assert [r.key_label for r in store.issuers()] == ["new-1", "old"]
 
 
 # -- partners (a reference table: not per-individual, so outside the id_hmac rule) ---------------
@@ -818,7 +860,7 @@ def select_all(table: str) -> sql.Composed:
     return sql.SQL("SELECT * FROM {} ORDER BY 1").format(sql.Identifier(table))
 
 
-def test_pg_migration_0002_alters_in_place_without_losing_rows() -> None:
+def test_pg_migrations_alter_in_place_without_losing_rows() -> None:
     with fresh_schema() as url:
         backend = get_backend(pg.yoyo_url(url))
         try:
@@ -860,6 +902,9 @@ def test_pg_migration_0002_alters_in_place_without_losing_rows() -> None:
                 if table == "bindings":  # two new, empty columns at the end
                     assert [r[:-2] for r in after] == rows
                     assert all(r[-2:] == (None, None) for r in after)
+                elif table == "issuers":  # installed, signing from its creation, no CSR, no chain
+                    assert [r[:-4] for r in after] == rows
+                    assert [r[-4:] for r in after] == [("installed", r[4], None, "") for r in rows]
                 else:
                     assert after == rows
         s = PostgresStore(url)

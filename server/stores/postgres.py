@@ -17,7 +17,7 @@ from psycopg_pool import ConnectionPool
 from yoyo import get_backend, read_migrations
 
 from server.audit import GENESIS, AuditEvent, AuditRow
-from server.domain import Binding, BindingStatus, Identity, IssuerRecord, OtpRecord
+from server.domain import Binding, BindingStatus, Identity, IssuerRecord, OtpRecord, PendingIssuer
 from server.limits import FailureState, Limits, RateRule, Window, after_failure, seconds_until
 from server.partners import Partner, PartnerCertificateInUse
 from server.ports import KeyOwnedByOther, OtpAlreadyUsed, RateLimited, StoreUnavailable
@@ -157,12 +157,27 @@ SQL_NONCE_USABLE: Final = (
     " AND used_at IS NULL AND expires_at > %s"
 )
 
-# issuers is a small reference table (replicated to every node), not per-individual.
+# issuers is a small reference table (replicated to every node), not per-individual: its statements name
+# no id_hmac, and each is a single-row write or a read of the whole (a handful of rows) table. Pending keys
+# (a CSR is out, no certificate yet) live in the same table, so installing one is a single-row UPDATE.
 SQL_ADD_ISSUER: Final = (
-    "INSERT INTO issuers (key_label, key_kind, certificate_pem, not_after, created_at) VALUES (%s, %s, %s, %s, %s)"
+    "INSERT INTO issuers (key_label, key_kind, state, certificate_pem, chain_pem, not_before, not_after, created_at)"
+    " VALUES (%s, %s, 'installed', %s, %s, %s, %s, %s)"
 )
 SQL_ISSUERS: Final = (
-    "SELECT key_label, key_kind, certificate_pem, not_after, created_at FROM issuers ORDER BY created_at DESC"
+    "SELECT key_label, key_kind, certificate_pem, not_after, created_at, not_before, chain_pem FROM issuers"
+    " WHERE state = 'installed' ORDER BY created_at DESC"
+)
+SQL_ADD_PENDING_ISSUER: Final = (
+    "INSERT INTO issuers (key_label, key_kind, state, csr_pem, created_at) VALUES (%s, %s, 'pending', %s, %s)"
+)
+SQL_PENDING_ISSUERS: Final = (
+    "SELECT key_label, key_kind, csr_pem, created_at FROM issuers WHERE state = 'pending' ORDER BY created_at DESC"
+)
+# Conditional on the key still being pending: two operators installing at once cannot both succeed.
+SQL_INSTALL_ISSUER: Final = (
+    "UPDATE issuers SET state = 'installed', certificate_pem = %s, chain_pem = %s, not_before = %s, not_after = %s"
+    " WHERE key_label = %s AND state = 'pending'"
 )
 
 # -- abuse limits and the audit trail (see server/limits.py, server/audit.py) --
@@ -648,6 +663,8 @@ class PostgresStore:
                     issuer.key_label,
                     issuer.key_kind,
                     issuer.certificate_pem,
+                    issuer.chain_pem,
+                    _utc(issuer.not_before or issuer.created_at),
                     _utc(issuer.not_after),
                     _utc(issuer.created_at),
                 ),
@@ -664,8 +681,10 @@ class PostgresStore:
                 certificate_pem=pem,
                 not_after=_utc(not_after),
                 created_at=_utc(created_at),
+                not_before=_utc(not_before),
+                chain_pem=chain,
             )
-            for label, kind, pem, not_after, created_at in self._read(SQL_ISSUERS, ())
+            for label, kind, pem, not_after, created_at, not_before, chain in self._read(SQL_ISSUERS, ())
         ]
 
     # -- abuse limits and audit trail (LimitStore, AuditLog) -------------------------------
@@ -799,6 +818,39 @@ class PostgresStore:
 
     def set_partner_certificate(self, partner_id: str, fingerprint: str | None, now: datetime) -> bool:
         return self._update_partner(SQL_SET_PARTNER_CERTIFICATE, (fingerprint, _utc(now), partner_id))
+
+    # -- issuer lifecycle (keys rotate / import-cert) -----------------------------------
+
+    def add_pending_issuer(self, pending: PendingIssuer) -> None:
+        def work(cur: Cur) -> None:
+            cur.execute(
+                SQL_ADD_PENDING_ISSUER,
+                (pending.key_label, pending.key_kind, pending.csr_pem, _utc(pending.created_at)),
+            )
+
+        self._run(work, write=True, retry_conflict=False)
+
+    def pending_issuers(self) -> Sequence[PendingIssuer]:
+        return [
+            PendingIssuer(label, kind, csr, _utc(created_at))
+            for label, kind, csr, created_at in self._read(SQL_PENDING_ISSUERS, ())
+        ]
+
+    def install_issuer(self, issuer: IssuerRecord) -> bool:
+        def work(cur: Cur) -> bool:
+            cur.execute(
+                SQL_INSTALL_ISSUER,
+                (
+                    issuer.certificate_pem,
+                    issuer.chain_pem,
+                    _utc(issuer.not_before or issuer.created_at),
+                    _utc(issuer.not_after),
+                    issuer.key_label,
+                ),
+            )
+            return cur.rowcount == 1
+
+        return self._run(work, write=True, retry_conflict=False)
 
 
 def _opt_utc(value: datetime | None) -> datetime | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from yoyo import get_backend, read_migrations
 
 from server.audit import GENESIS, AuditEvent, AuditRow, link_hash
-from server.domain import Binding, BindingStatus, Identity, IssuerRecord, OtpRecord
+from server.domain import Binding, BindingStatus, Identity, IssuerRecord, OtpRecord, PendingIssuer
 from server.limits import FailureState, Limits, RateRule, Window, after_failure, seconds_until
 from server.partners import Partner, PartnerCertificateInUse
 from server.ports import KeyOwnedByOther, OtpAlreadyUsed, RateLimited, StoreUnavailable
@@ -394,19 +394,21 @@ class SqliteStore:
     def add_issuer(self, issuer: IssuerRecord) -> None:
         with self._tx() as conn:
             conn.execute(
-                "INSERT INTO issuers (key_label, key_kind, certificate_pem, not_after, created_at)"
-                " VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO issuers (key_label, key_kind, state, certificate_pem, chain_pem, not_before, not_after,"
+                " created_at) VALUES (?, ?, 'installed', ?, ?, ?, ?, ?)",
                 (
                     issuer.key_label,
                     issuer.key_kind,
                     issuer.certificate_pem,
+                    issuer.chain_pem,
+                    ts(issuer.not_before or issuer.created_at),
                     ts(issuer.not_after),
                     ts(issuer.created_at),
                 ),
             )
 
     def issuers(self) -> Sequence[IssuerRecord]:
-        rows = self._query("SELECT * FROM issuers ORDER BY created_at DESC", ())
+        rows = self._query("SELECT * FROM issuers WHERE state = 'installed' ORDER BY created_at DESC", ())
         return [
             IssuerRecord(
                 key_label=r["key_label"],
@@ -414,6 +416,8 @@ class SqliteStore:
                 certificate_pem=r["certificate_pem"],
                 not_after=parse_ts(r["not_after"]),
                 created_at=parse_ts(r["created_at"]),
+                not_before=parse_ts(r["not_before"]),
+                chain_pem=r["chain_pem"],
             )
             for r in rows
         ]
@@ -568,6 +572,38 @@ class SqliteStore:
                 return cur.rowcount == 1
         except sqlite3.IntegrityError as err:
             raise PartnerCertificateInUse("the client certificate is registered to another partner") from err
+
+    # -- issuer lifecycle (keys rotate / import-cert) -----------------------------------
+
+    def add_pending_issuer(self, pending: PendingIssuer) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO issuers (key_label, key_kind, state, csr_pem, created_at) VALUES (?, ?, 'pending', ?, ?)",
+                (pending.key_label, pending.key_kind, pending.csr_pem, ts(pending.created_at)),
+            )
+
+    def pending_issuers(self) -> Sequence[PendingIssuer]:
+        rows = self._query(
+            "SELECT key_label, key_kind, csr_pem, created_at FROM issuers WHERE state = 'pending'"
+            " ORDER BY created_at DESC",
+            (),
+        )
+        return [PendingIssuer(r["key_label"], r["key_kind"], r["csr_pem"], parse_ts(r["created_at"])) for r in rows]
+
+    def install_issuer(self, issuer: IssuerRecord) -> bool:
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE issuers SET state = 'installed', certificate_pem = ?, chain_pem = ?, not_before = ?,"
+                " not_after = ? WHERE key_label = ? AND state = 'pending'",
+                (
+                    issuer.certificate_pem,
+                    issuer.chain_pem,
+                    ts(issuer.not_before or issuer.created_at),
+                    ts(issuer.not_after),
+                    issuer.key_label,
+                ),
+            )
+            return cur.rowcount == 1
 
 
 SQL_IDENTITY_AND_LOCK = (

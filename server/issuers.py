@@ -1,0 +1,136 @@
+"""Issuer key lifecycle: which installed key signs at a given time, and the state of each key."""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from cryptography import x509
+
+from server.domain import IssuerRecord, PendingIssuer
+
+#: Random hex digits in a new key label: labels are primary keys and are never reused.
+LABEL_SUFFIX_BYTES = 3
+
+
+class IssuerState(enum.StrEnum):
+    """What a key does at a given time. Only ``pending`` is stored; the rest follow from the clock,
+    so every replica derives the same state from the same rows without anyone updating them."""
+
+    #: A CSR is out, no certificate is installed: never signs, never published.
+    PENDING = "pending"
+    #: Installed, but its not_before is still ahead: published (relying parties can fetch it early).
+    NEXT = "next"
+    #: Signs new wallet certificates.
+    ACTIVE = "active"
+    #: No longer signs; published until its notAfter, which bounds every certificate it signed.
+    RETIRING = "retiring"
+    #: Past its notAfter: no certificate it signed is valid any more; not published.
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerStatus:
+    """One line of `keybinder keys list`."""
+
+    key_label: str
+    key_kind: str
+    state: IssuerState
+    not_before: datetime | None
+    not_after: datetime | None
+    created_at: datetime
+
+
+def may_sign_from(record: IssuerRecord) -> datetime:
+    return record.not_before or record.created_at
+
+
+def _newest(record: IssuerRecord) -> tuple[datetime, datetime]:
+    return record.created_at, may_sign_from(record)
+
+
+def signing_issuer(records: Iterable[IssuerRecord], now: datetime, window: timedelta) -> IssuerRecord | None:
+    """The key that signs at ``now``.
+
+    The newest key (the one generated last: an external CA may backdate notBefore) that has
+    started and is still outside its own pre-expiry window. When every started key is inside its
+    window (no rotation happened in time), the one that lives longest, so wallet certificates are
+    cut short as little as possible; None when no installed key is valid at ``now``.
+    """
+    started = [r for r in records if may_sign_from(r) <= now < r.not_after]
+    fresh = [r for r in started if now < r.not_after - window]
+    if fresh:
+        return max(fresh, key=_newest)
+    if started:
+        return max(started, key=lambda r: (r.not_after, r.created_at))
+    return None
+
+
+def state_of(record: IssuerRecord, active: IssuerRecord | None, now: datetime) -> IssuerState:
+    if active is not None and record.key_label == active.key_label:
+        return IssuerState.ACTIVE
+    if now >= record.not_after:
+        return IssuerState.EXPIRED
+    if now < may_sign_from(record):
+        return IssuerState.NEXT
+    return IssuerState.RETIRING
+
+
+def published_issuers(records: Sequence[IssuerRecord], now: datetime, window: timedelta) -> list[IssuerRecord]:
+    """The issuers GetIssuerCertificates lists: the active one first, then every other key that is
+    next or retiring, newest first. Expired and pending keys are left out."""
+    active = signing_issuer(records, now, window)
+    rest = sorted(
+        (r for r in records if r is not active and state_of(r, active, now) is not IssuerState.EXPIRED),
+        key=_newest,
+        reverse=True,
+    )
+    return ([active] if active is not None else []) + rest
+
+
+def published_certificates(records: Sequence[IssuerRecord], now: datetime, window: timedelta) -> list[x509.Certificate]:
+    """The certificates of `published_issuers`, in that order, followed by the CA certificates above
+    them (when an external CA signed them), each once: enough to verify every valid wallet certificate."""
+    chosen = published_issuers(records, now, window)
+    certs = [x509.load_pem_x509_certificate(r.certificate_pem.encode()) for r in chosen]
+    for r in chosen:
+        for ca in x509.load_pem_x509_certificates(r.chain_pem.encode()) if r.chain_pem else []:
+            if ca not in certs:
+                certs.append(ca)
+    return certs
+
+
+def issuer_statuses(
+    records: Sequence[IssuerRecord], pending: Sequence[PendingIssuer], now: datetime, window: timedelta
+) -> list[IssuerStatus]:
+    """Every key with its state at ``now``, newest first (pending keys first of all)."""
+    active = signing_issuer(records, now, window)
+    statuses = [IssuerStatus(p.key_label, p.key_kind, IssuerState.PENDING, None, None, p.created_at) for p in pending]
+    for r in sorted(records, key=_newest, reverse=True):
+        statuses.append(
+            IssuerStatus(r.key_label, r.key_kind, state_of(r, active, now), may_sign_from(r), r.not_after, r.created_at)
+        )
+    return statuses
+
+
+def rotation_due(records: Sequence[IssuerRecord], now: datetime, window: timedelta) -> str | None:
+    """Why an operator should run `keybinder keys rotate` now, or None when nothing is due."""
+    active = signing_issuer(records, now, window)
+    if active is None:
+        return "no installed issuer key is valid now: wallet certificates cannot be issued"
+    if now < active.not_after - window:
+        return None
+    if any(state_of(r, active, now) is IssuerState.NEXT for r in records):
+        return None
+    return (
+        f"the active issuer key {active.key_label!r} expires at {active.not_after:%Y-%m-%dT%H:%M:%SZ}, within the"
+        " rotation window, and no next key is installed: wallet certificates are cut short to its notAfter"
+    )
+
+
+def new_issuer_label(base: str, now: datetime) -> str:
+    """A fresh label for a rotated key, e.g. ``keybinder-issuer-20261129-3fa9c1``."""
+    return f"{base}-{now:%Y%m%d}-{secrets.token_hex(LABEL_SUFFIX_BYTES)}"
