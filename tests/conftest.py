@@ -30,7 +30,7 @@ from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
 from server.partners import Partner, hash_api_key, new_api_key
 from server.serve import Server
-from server.stores import open_store
+from server.stores import Store, open_store
 from tests.hsm_backends import (
     OPENCRYPTOKI,
     OPENCRYPTOKI_DEFAULT_SO_PIN,
@@ -134,6 +134,8 @@ TEST_PARTNERS = (
     "other-wallet",
     "lifecycle-other-wallet",
     "fuzz-wallet",
+    "limits-other-wallet",
+    "audit-partner-chain",
     "p" * 128,  # the longest partner id the syntax allows
 )
 PARTNER_KEYS: dict[str, str] = {partner: new_api_key() for partner in TEST_PARTNERS}
@@ -148,6 +150,13 @@ def register_test_partners(cfg: Settings) -> None:
             store.add_partner(Partner(partner, hash_api_key(key), True, None, now, now))
     finally:
         store.close()
+
+
+def register_partner(store: Store, partner: str) -> None:
+    """Register one more partner (a test's own id) with a fresh key that md() then sends."""
+    key = PARTNER_KEYS.setdefault(partner, new_api_key())
+    now = datetime.now(UTC)
+    store.add_partner(Partner(partner, hash_api_key(key), True, None, now, now))
 
 
 @dataclass
@@ -189,6 +198,7 @@ def start_server(settings: Settings) -> tuple[Server, int, Callable[[], None]]:
     ready.wait(30)
     if "error" in started:
         raise started["error"]
+    register_test_partners(settings)  # idempotent; a server on a database of its own needs them too
 
     def stop() -> None:
         asyncio.run_coroutine_threadsafe(server.stop(), loop).result(30)

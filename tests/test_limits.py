@@ -34,6 +34,7 @@ from tests.conftest import (
     other_pin,
     otp_challenge,
     pin_challenge,
+    register_partner,
     send_otp,
     unregistered,
 )
@@ -250,6 +251,7 @@ def test_otp_sends_per_partner_per_minute(
 ) -> None:
     limits(replace(TIGHT, otp_sends_per_partner=RateRule(4, 60)))
     partner = f"burst-{secrets.token_hex(4)}"
+    register_partner(kb.app.store, partner)
     send(kb, person, partner)
     send(kb, new_person(kb), partner)
     # Unknown individuals count too: that is what bounds probing for registered IDs.

@@ -194,10 +194,15 @@ def test_no_secret_reaches_any_log_field(kb: RunningServer, person: Person, json
         with pytest.raises(grpc.RpcError):
             kb.stub.DoKeyBinding(bind_request(person, jwk, challenge), metadata=md())
     kb.stub.DoKeyBinding(bind_request(person, jwk, otp_challenge(otp), pin_challenge(person.pin)), metadata=md())
-    metadata = (*md(), ("partner-api-key", "pk-" + uuid.uuid4().hex))
+    metadata = md()  # the real API key, accepted
     kb.stub.GetSupportedChallengeFormats(
         pb.GetSupportedChallengeFormatsRequest(auth_factor_type="OTP"), metadata=metadata
     )
+    wrong_key = (("partner-id", PARTNER), ("partner-api-key", "kb_" + uuid.uuid4().hex))  # refused
+    with pytest.raises(grpc.RpcError):
+        kb.stub.GetSupportedChallengeFormats(
+            pb.GetSupportedChallengeFormatsRequest(auth_factor_type="OTP"), metadata=wrong_key
+        )
     text = json_log.stream.getvalue()
     assert len([x for x in json_log.lines() if x["logger"] == "keybinder.access"]) >= 5
     hsm_pin = (kb.app.settings.data_dir / "hsm-pin").read_text().strip()
@@ -209,6 +214,7 @@ def test_no_secret_reaches_any_log_field(kb: RunningServer, person: Person, json
         "HSM PIN": hsm_pin,
         "individual ID": person.individual_id,
         "partner API key": metadata[-1][1],
+        "wrong partner API key": wrong_key[-1][1],
     }.items():
         assert value not in text, f"{name} reached the log"
     assert tx  # transaction ids are not secret
