@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding
 
 from hsm import KeyKind, Pkcs11KeyManager
 from hsm.provision import init_token, token_exists
+from server.audit import admin_event
 from server.certs import (
     IssuerCertificateError,
     build_issuer_certificate,
@@ -359,6 +360,7 @@ def rotate_issuer(
             csr_pem = csr.public_bytes(serialization.Encoding.PEM).decode("ascii")
             # The row first: if writing the file fails, `keys csr LABEL` prints it again.
             store.add_pending_issuer(PendingIssuer(label, str(kind), csr_pem, now))
+            store.append_audit(admin_event(now, "keys_rotate", subject=f"{label} pending (CSR)"))
             csr_path.write_text(csr_pem)
             log.info("issuer key %r created; its CSR is in %s", label, csr_path)
             return RotationReport(label, IssuerState.PENDING, None, None)
@@ -367,6 +369,7 @@ def rotate_issuer(
             label, str(kind), to_pem(cert), cert.not_valid_after_utc, now, not_before=cert.not_valid_before_utc
         )
         store.add_issuer(record)
+        store.append_audit(admin_event(now, "keys_rotate", subject=f"{label} self-signed"))
         state = IssuerState.NEXT if record.not_before and record.not_before > now else IssuerState.ACTIVE
         log.info("issuer key %r installed (%s)", label, state)
         return RotationReport(label, state, record.not_before, record.not_after)
@@ -445,6 +448,7 @@ def import_issuer_certificate(
         )
         if not store.install_issuer(record):
             raise IssuerKeyError(f"issuer key {chosen.key_label!r} is no longer pending (installed meanwhile?)")
+        store.append_audit(admin_event(now, "keys_import_cert", subject=chosen.key_label))
         state = IssuerState.NEXT if cert.not_valid_before_utc > now else IssuerState.ACTIVE
         log.info("issuer certificate for %r installed (%s)", chosen.key_label, state)
         return RotationReport(chosen.key_label, state, record.not_before, record.not_after)

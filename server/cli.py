@@ -516,6 +516,13 @@ def _read_cert_fingerprint(path: Path) -> str:
     return certificate_fingerprint(cert.public_bytes(serialization.Encoding.PEM))
 
 
+def _audit_partner_change(store: Store, action: str, partner_id: str) -> None:
+    """Every change to the partner registry is an admin entry of the audit trail (never a key)."""
+    from server.audit import admin_event
+
+    _audit_admin(store, admin_event(_now(), action, subject=f"partner {partner_id}"))
+
+
 def _show_key(issued: Any) -> None:
     # The only time the key exists outside the partner's hands: stdout, never a log line or argv.
     typer.echo(f"partner {issued.partner_id}")
@@ -541,6 +548,7 @@ def partners_add(
     fingerprint = _read_cert_fingerprint(client_cert) if client_cert is not None else None
     with _partner_store(settings) as store:
         issued = add_partner(store, partner_id, _now(), client_cert_sha256=fingerprint)
+        _audit_partner_change(store, "partners_add", partner_id)
     _show_key(issued)
 
 
@@ -559,6 +567,8 @@ def partners_list(config: ConfigOpt = None, data_dir: DataDirOpt = None, databas
 def _set_enabled(partner_id: str, enabled: bool, settings: Settings) -> None:
     with _partner_store(settings) as store:
         found = store.set_partner_enabled(partner_id, enabled, _now())
+        if found:
+            _audit_partner_change(store, "partners_enable" if enabled else "partners_disable", partner_id)
     if not found:
         raise _fail(RuntimeError(f"no partner {partner_id!r}"))
     typer.echo(f"{'enabled' if enabled else 'disabled'} {partner_id}")
@@ -599,6 +609,7 @@ def partners_rotate_key(
     settings = _settings(config, data_dir, database_url, None)
     with _partner_store(settings) as store:
         issued = rotate_key(store, partner_id, _now())
+        _audit_partner_change(store, "partners_rotate_key", partner_id)
     _show_key(issued)
 
 
@@ -617,6 +628,8 @@ def partners_set_cert(
     fingerprint = _read_cert_fingerprint(client_cert) if client_cert is not None else None
     with _partner_store(settings) as store:
         found = store.set_partner_certificate(partner_id, fingerprint, _now())
+        if found:
+            _audit_partner_change(store, "partners_set_cert", partner_id)
     if not found:
         raise _fail(RuntimeError(f"no partner {partner_id!r}"))
     typer.echo(f"{partner_id} certificate {'sha256=' + fingerprint if fingerprint else 'removed'}")

@@ -307,3 +307,35 @@ def test_export_writes_json_lines_and_admin_actions_are_on_the_admin_chain(
     verified = kb_cli("audit", "verify", data_dir=data_dir)
     assert verified.returncode == 0, verified.stderr
     assert "3 entries in 1 chain(s)" in verified.stdout
+
+
+def test_partner_and_issuer_key_changes_are_admin_entries(tmp_path_factory: pytest.TempPathFactory) -> None:
+    data_dir = make_data_dir(tmp_path_factory.mktemp("audit-admin"))
+    keys = []
+    for args in (
+        ("partners", "add", "audited-wallet"),
+        ("partners", "rotate-key", "audited-wallet"),
+        ("partners", "disable", "audited-wallet"),
+        ("partners", "enable", "audited-wallet"),
+        ("keys", "rotate"),
+    ):
+        result = kb_cli(*args, data_dir=data_dir)
+        assert result.returncode == 0, (args, result.stderr)
+        keys += [line.split()[-1] for line in result.stdout.splitlines() if line.startswith("api key")]
+    assert len(keys) == 2
+    refused = kb_cli("partners", "disable", "no-such-wallet", data_dir=data_dir)
+    assert refused.returncode == 1  # nothing changed, so nothing is audited
+    exported = kb_cli("audit", "export", data_dir=data_dir)
+    entries = [json.loads(line) for line in exported.stdout.splitlines()]
+    admin = [(e["action"], e["subject"]) for e in entries if e["chain"] == ADMIN_CHAIN.decode()]
+    assert admin[2:6] == [
+        ("partners_add", "partner audited-wallet"),
+        ("partners_rotate_key", "partner audited-wallet"),
+        ("partners_disable", "partner audited-wallet"),
+        ("partners_enable", "partner audited-wallet"),
+    ]
+    assert admin[6][0] == "keys_rotate"
+    assert admin[6][1].endswith("self-signed")
+    assert len(admin) == 7
+    assert all(k not in exported.stdout for k in keys)
+    assert kb_cli("audit", "verify", data_dir=data_dir).returncode == 0
