@@ -16,8 +16,7 @@ from server import metrics
 from server.app import App, build_app
 from server.config import Settings
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
-from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
-from server.grpc_api.decoding import MAX_WIRE_BYTES, DecodeErrors
+from server.grpc_api.decoding import MAX_WIRE_BYTES, add_servicer
 from server.grpc_api.servicer import KeyBinderServicer
 from server.tls import ReloadingCredentials, TlsFiles, check_listen, load
 
@@ -55,9 +54,9 @@ class Server:
         self.tls = ReloadingCredentials(files) if files is not None else None
         self.app = build_app(self.settings)
         server = grpc.aio.server(
-            interceptors=[DecodeErrors()],
             options=[
-                # Up to MAX_WIRE_BYTES arrive; DecodeErrors refuses more than MAX_REQUEST_BYTES unparsed.
+                # Up to MAX_WIRE_BYTES arrive; add_servicer's deserializer refuses more than
+                # MAX_REQUEST_BYTES unparsed.
                 ("grpc.max_receive_message_length", MAX_WIRE_BYTES),
                 # gRPC enables SO_REUSEPORT by default; a second server on the same port must fail
                 # loudly rather than silently share it, unless it is one of our own workers.
@@ -67,7 +66,7 @@ class Server:
         servicer = KeyBinderServicer(
             self.app.service, self._executor, self.app.partners, client_certificates=self.settings.client_ca is not None
         )
-        pb_grpc.add_KeyBinderServiceServicer_to_server(servicer, server)
+        add_servicer(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

@@ -2,8 +2,8 @@
 
 Left to grpcio, a request whose string field holds invalid UTF-8 fails in the generated deserializer and
 the client sees UNKNOWN with no ErrorInfo; one over gRPC's size limit gets RESOURCE_EXHAUSTED with none.
-This interceptor wraps each KeyBinderService method's deserializer: a request over ``MAX_REQUEST_BYTES``
-is refused before it is parsed, and an undecodable one is refused with the reason of the field at fault
+``add_servicer`` registers each KeyBinderService method with a deserializer that refuses a request over
+``MAX_REQUEST_BYTES`` before it is parsed, and an undecodable one with the reason of the field at fault
 (found by reading the raw fields without the UTF-8 check), e.g. ``invalid_challenge`` for
 ``challenges[0].challenge``.
 """
@@ -129,21 +129,18 @@ def _refusing(
     return handle
 
 
-class DecodeErrors(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Installs the safe deserializer on every unary KeyBinderService method."""
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        service, _, name = str(handler_call_details.method).lstrip("/").rpartition("/")
-        method = _SERVICE.methods_by_name.get(name) if service == _SERVICE.full_name else None
-        if handler is None or method is None or handler.unary_unary is None or handler.request_deserializer is None:
-            return handler
-        return grpc.unary_unary_rpc_method_handler(
-            _refusing(handler.unary_unary),
-            request_deserializer=safe_deserializer(method.input_type, handler.request_deserializer),
-            response_serializer=handler.response_serializer,
+def add_servicer(servicer: object, server: grpc.aio.Server) -> None:
+    """Register every unary KeyBinderService method of ``servicer`` with the safe deserializer and the
+    refusal of undecodable requests built in once, here, rather than by an interceptor on every call
+    (which would rebuild the handler per request)."""
+    handlers = {}
+    for method in _SERVICE.methods:
+        request_type = getattr(pb, method.input_type.name)
+        response_type = getattr(pb, method.output_type.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            _refusing(getattr(servicer, method.name)),
+            request_deserializer=safe_deserializer(method.input_type, request_type.FromString),
+            response_serializer=response_type.SerializeToString,
         )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(_SERVICE.full_name, handlers)
