@@ -43,6 +43,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PARTNER_ID = "demo-wallet"  # registered by `init --demo-partner`
 PIN = "123456"
 KB = [sys.executable, "-m", "server"]
+#: Extra environment of the measured server (--rpc-threads).
+SERVER_ENV: dict[str, str] = {}
 
 
 # -- processes ----------------------------------------------------------------------------------
@@ -166,7 +168,7 @@ def server(data_dir: Path, env: dict[str, str], workers: int) -> Iterator[tuple[
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env=env | {"KEYBINDER_LOG_LEVEL": "WARNING"},
+        env=env | {"KEYBINDER_LOG_LEVEL": "WARNING"} | SERVER_ENV,
         cwd=ROOT,
     )
     try:
@@ -415,9 +417,14 @@ def main() -> int:
         default="postgresql://postgres@127.0.0.1:5432/postgres",
         help="PostgreSQL server URL; a fresh database is created on it and dropped ('' to leave PostgreSQL out)",
     )
+    parser.add_argument(
+        "--rpc-threads", type=int, help="the server's rpc_threads (default: its own choice per database)"
+    )
     parser.add_argument("--soak", type=float, metavar="SECONDS", help="RSS growth run instead of the matrix")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
+    if args.rpc_threads is not None:
+        SERVER_ENV["KEYBINDER_RPC_THREADS"] = str(args.rpc_threads)
     print(f"machine: {machine()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="keybinder-bench-") as tmp:
         results = asyncio.run(soak(args, Path(tmp)) if args.soak else matrix(args, Path(tmp)))
