@@ -196,6 +196,7 @@ class Row:
     p50_ms: float
     p99_ms: float
     server_cpu_ms_per_bind: float
+    client_cpu_ms_per_bind: float
     peak_rss_mib_per_worker: list[float]
     ratio_to_raw_sign: float
 
@@ -214,7 +215,8 @@ class Load:
 
     async def run(
         self, individuals: list[str], in_flight: int, *, until: float | None = None
-    ) -> tuple[float, list[float], int]:
+    ) -> tuple[float, list[float], int, float]:
+        """Elapsed seconds, latencies, errors, and this (client) process's CPU seconds while it ran."""
         keys = [new_wallet_key("ec-p256")[1] for _ in individuals] if until is None else []
         latencies: list[float] = []
         errors = 0
@@ -239,9 +241,9 @@ class Load:
                     continue
                 latencies.append(time.perf_counter() - start)
 
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(client() for _ in range(in_flight)))
-        return time.perf_counter() - began, latencies, errors
+        return time.perf_counter() - began, latencies, errors, time.process_time() - cpu
 
 
 def _forever() -> Iterator[int]:
@@ -263,7 +265,8 @@ def print_row(row: Row) -> None:
     print(
         f"{row.database:<10} {row.workers:>2} worker(s) {row.in_flight:>3} in flight"
         f"  {row.binds_per_s:7.0f} binds/s  p50 {row.p50_ms:7.1f} ms  p99 {row.p99_ms:7.1f} ms"
-        f"  CPU {row.server_cpu_ms_per_bind:5.2f} ms/bind  peak RSS {rss} MiB  errors {row.errors}"
+        f"  CPU {row.server_cpu_ms_per_bind:5.2f} ms/bind (client {row.client_cpu_ms_per_bind:4.2f})"
+        f"  peak RSS {rss} MiB  errors {row.errors}"
         f"  ratio {row.ratio_to_raw_sign:.3f}",
         flush=True,
     )
@@ -292,7 +295,7 @@ async def measure(
                 batch, rest = rest[:count], rest[count:]
                 pids = process_tree(proc.pid)
                 before = cpu_seconds(pids)
-                elapsed, latencies, errors = await load.run(batch, in_flight)
+                elapsed, latencies, errors, client_cpu = await load.run(batch, in_flight)
                 cpu = cpu_seconds(process_tree(proc.pid)) - before
                 p50, p99 = quantiles(latencies)
                 rate = len(latencies) / elapsed
@@ -307,6 +310,7 @@ async def measure(
                         p50_ms=p50,
                         p99_ms=p99,
                         server_cpu_ms_per_bind=cpu / max(len(latencies), 1) * 1000,
+                        client_cpu_ms_per_bind=client_cpu / max(len(latencies), 1) * 1000,
                         peak_rss_mib_per_worker=[memory_kib(p, "VmHWM") / 1024 for p in worker_pids(proc.pid)],
                         ratio_to_raw_sign=rate / raw,
                     )
@@ -366,7 +370,9 @@ async def soak(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
                     print(f"  t={samples[-1][0]:5.0f} s  RSS {rss:6.1f} MiB", flush=True)
                     await asyncio.sleep(10)
 
-            (elapsed, latencies, errors), _ = await asyncio.gather(load.run(individuals, 64, until=end), sample())
+            (elapsed, latencies, errors, _client_cpu), _ = await asyncio.gather(
+                load.run(individuals, 64, until=end), sample()
+            )
         finally:
             await load.close()
         hwm = memory_kib(proc.pid, "VmHWM") / 1024
