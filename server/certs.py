@@ -7,6 +7,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Final
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -33,6 +34,21 @@ class Issuer:
     def not_after(self) -> datetime:
         """The earliest notAfter on the path: no wallet certificate may outlive any certificate above it."""
         return min(c.not_valid_after_utc for c in (self.certificate, *self.chain))
+
+
+#: What an issuer key may do: sign certificates (and CRLs), nothing else. The self-signed certificate and
+#: the CSR for an external CA ask for the same.
+ISSUER_KEY_USAGE: Final = x509.KeyUsage(
+    digital_signature=False,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=True,
+    crl_sign=True,
+    encipher_only=False,
+    decipher_only=False,
+)
 
 
 def signature_hash(key: IssuerPrivateKey) -> hashes.SHA256 | hashes.SHA384 | None:
@@ -70,17 +86,7 @@ def build_issuer_certificate(
         .not_valid_after(now + validity)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            ISSUER_KEY_USAGE,
             critical=True,
         )
         .add_extension(ski, critical=False)
@@ -97,17 +103,7 @@ def build_issuer_csr(signer: IssuerPrivateKey, *, common_name: str) -> x509.Cert
         .subject_name(issuer_name(common_name))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            ISSUER_KEY_USAGE,
             critical=True,
         )
     )
