@@ -91,13 +91,27 @@ def published_issuers(records: Sequence[IssuerRecord], now: datetime, window: ti
     return ([active] if active is not None else []) + rest
 
 
+def published_chains(
+    records: Sequence[IssuerRecord], now: datetime, window: timedelta
+) -> list[tuple[x509.Certificate, list[x509.Certificate]]]:
+    """Each certificate of `published_issuers`, in that order, with the CA certificates above it (none
+    for a self-signed issuer)."""
+    return [
+        (
+            x509.load_pem_x509_certificate(r.certificate_pem.encode()),
+            x509.load_pem_x509_certificates(r.chain_pem.encode()) if r.chain_pem else [],
+        )
+        for r in published_issuers(records, now, window)
+    ]
+
+
 def published_certificates(records: Sequence[IssuerRecord], now: datetime, window: timedelta) -> list[x509.Certificate]:
     """The certificates of `published_issuers`, in that order, followed by the CA certificates above
     them (when an external CA signed them), each once: enough to verify every valid wallet certificate."""
-    chosen = published_issuers(records, now, window)
-    certs = [x509.load_pem_x509_certificate(r.certificate_pem.encode()) for r in chosen]
-    for r in chosen:
-        for ca in x509.load_pem_x509_certificates(r.chain_pem.encode()) if r.chain_pem else []:
+    chains = published_chains(records, now, window)
+    certs = [issuer for issuer, _ in chains]
+    for _, chain in chains:
+        for ca in chain:
             if ca not in certs:
                 certs.append(ca)
     return certs

@@ -46,7 +46,7 @@ from server.errors import (
     TokenReplayedError,
     TooManyAttemptsError,
 )
-from server.issuers import published_certificates, rotation_due, signing_issuer
+from server.issuers import published_certificates, published_chains, rotation_due, signing_issuer
 from server.jwk import WalletPublicKey, parse_wallet_jwk
 from server.limits import Limits, seconds_until
 from server.ports import (
@@ -751,6 +751,11 @@ class KeyBinderService:
         per binding), so a rotation shows here at once.
         """
         return published_certificates(list(self.issuers.issuers()), self.clock.now(), self._rotation_window)
+
+    @backend_errors
+    def issuer_chains(self) -> list[tuple[x509.Certificate, list[x509.Certificate]]]:
+        """The issuers of `issuer_certificates`, each with the CA certificates above it."""
+        return published_chains(list(self.issuers.issuers()), self.clock.now(), self._rotation_window)
 
     @backend_errors
     def active_issuer(self) -> Issuer:

@@ -3,6 +3,7 @@ before and after a rotation verifying against what GetIssuerCertificates serves 
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import secrets
@@ -36,6 +37,7 @@ from server.app import (
     register_identity,
     rotate_issuer,
 )
+from server.certs import x5t_s256
 from server.challenges import Challenge
 from server.config import Settings, load_settings
 from server.demo import new_wallet_key
@@ -501,6 +503,13 @@ def test_csr_signed_by_an_external_ca_is_installed_and_chains_to_its_root(world:
     for leaf in (before, after):
         assert openssl_verify(tmp_path, leaf, list(resp.certificates)).strip().endswith(": OK")
     assert crypto_verify(before, [old_issuer]) == [before, old_issuer]
+    # The JWKS has one key per issuer (the root is not a signing key of ours); the CA-signed issuer's x5c
+    # carries its chain, the self-signed one's only itself.
+    keys = {k["kid"]: k for k in json.loads(resp.jwks)["keys"]}
+    assert set(keys) == {x5t_s256(issuer), x5t_s256(old_issuer)}
+    x5c = [x509.load_der_x509_certificate(base64.b64decode(c)) for c in keys[x5t_s256(issuer)]["x5c"]]
+    assert x5c == [issuer, root.cert]
+    assert len(keys[x5t_s256(old_issuer)]["x5c"]) == 1
 
 
 def test_wallet_certificates_never_outlive_the_ca_chain(world: World, tmp_path: Path) -> None:

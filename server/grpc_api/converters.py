@@ -81,10 +81,14 @@ def binding_to_proto(binding: Binding, status: BindingStatus) -> pb.GetBindingRe
     )
 
 
-def issuers_to_proto(certificates: list[x509.Certificate]) -> pb.GetIssuerCertificatesResponse:
-    """PEM list plus a JWKS whose keys carry kid = x5t#S256 and the x5c chain of one."""
+def issuers_to_proto(chains: list[tuple[x509.Certificate, list[x509.Certificate]]]) -> pb.GetIssuerCertificatesResponse:
+    """PEM list (issuers, then the CA certificates above them, each once) plus a JWKS with one key per
+    issuer: kid = x5t#S256 of its certificate, x5c = that certificate and the chain above it. A CA
+    certificate above an issuer is in the PEM list for path building, never a key of the JWKS."""
     keys = []
-    for cert in certificates:
+    certificates = [issuer for issuer, _ in chains]
+    for cert, chain in chains:
+        certificates += [ca for ca in chain if ca not in certificates]
         public = cert.public_key()
         jwk: dict[str, Any]
         if isinstance(public, ec.EllipticCurvePublicKey):
@@ -96,12 +100,11 @@ def issuers_to_proto(certificates: list[x509.Certificate]) -> pb.GetIssuerCertif
             jwk, alg = dict(OKPKey.import_key(public).as_dict()), "EdDSA"
         else:
             raise TypeError(f"unsupported issuer key type {type(public).__name__}")
-        der = cert.public_bytes(serialization.Encoding.DER)
         jwk.update(
             kid=x5t_s256(cert),
             use="sig",
             alg=alg,
-            x5c=[base64.b64encode(der).decode("ascii")],
+            x5c=[base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode("ascii") for c in [cert, *chain]],
         )
         jwk["x5t#S256"] = x5t_s256(cert)
         keys.append(jwk)

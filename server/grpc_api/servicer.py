@@ -181,8 +181,8 @@ class KeyBinderServicer(pb_grpc.KeyBinderServiceServicer):
     async def GetIssuerCertificates(  # noqa: N802
         self, request: pb.GetIssuerCertificatesRequest, partner: str
     ) -> pb.GetIssuerCertificatesResponse:
-        certificates = await self._run(self.service.issuer_certificates)
-        return converters.issuers_to_proto(certificates)
+        chains = await self._run(self.service.issuer_chains)
+        return converters.issuers_to_proto(chains)
 
     @authenticated
     async def RevokeBinding(  # noqa: N802
