@@ -209,8 +209,9 @@ def start_server(settings: Settings) -> tuple[Server, int, Callable[[], None]]:
     return server, int(started["port"]), stop
 
 
-@pytest.fixture(scope="session")
-def kb(settings: Settings) -> Iterator[RunningServer]:
+@contextmanager
+def running(settings: Settings) -> Iterator[RunningServer]:
+    """A real server (start_server) with a client channel, both closed afterwards."""
     server, port, stop = start_server(settings)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
@@ -218,6 +219,12 @@ def kb(settings: Settings) -> Iterator[RunningServer]:
     finally:
         channel.close()
         stop()
+
+
+@pytest.fixture(scope="session")
+def kb(settings: Settings) -> Iterator[RunningServer]:
+    with running(settings) as server:
+        yield server
 
 
 def md(partner: str | None = PARTNER) -> tuple[tuple[str, str], ...]:

@@ -32,8 +32,8 @@ from tests.conftest import (
     other_pin,
     otp_challenge,
     pin_challenge,
+    running,
     send_otp,
-    start_server,
 )
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
@@ -171,14 +171,9 @@ def test_lines_logged_inside_the_call_carry_the_context_on_the_event_loop(
 def test_lines_logged_inside_the_call_carry_the_context_on_a_thread_pool(
     settings: Settings, kb: RunningServer, json_log: JsonLog
 ) -> None:
-    server, port, stop = start_server(settings.model_copy(update={"rpc_threads": 2}))
-    try:
-        assert server._executor is not None
-        person = new_person(kb)
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            wla_refusal(pb_grpc.KeyBinderServiceStub(channel), person, "threaded-1")
-    finally:
-        stop()
+    with running(settings.model_copy(update={"rpc_threads": 2})) as threaded:
+        assert threaded.server._executor is not None
+        wla_refusal(threaded.stub, new_person(kb), "threaded-1")
     [line] = service_lines(json_log, "threaded-1")
     assert line["message"].startswith("WLA challenge refused")
     assert line["method"] == "DoKeyBinding"

@@ -38,7 +38,6 @@ from server.config import Settings, load_settings
 from server.demo import new_wallet_key
 from server.domain import OtpChannel, OtpMessage
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
-from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
 from server.notifiers import SecretSourceError, read_secret
 from server.notifiers.smtp import SmtpConfig, SmtpNotifier
 from server.notifiers.webhook import (
@@ -58,7 +57,7 @@ from tests.conftest import (
     md,
     new_person,
     otp_challenge,
-    start_server,
+    running,
 )
 
 SMTP_USER = "otp-mailer"
@@ -556,13 +555,8 @@ def test_the_secret_is_read_again_by_the_wiring(tmp_path: Path) -> None:
 def serving(settings: Settings, **changes: Any) -> Iterator[RunningServer]:
     """Another real server on the session's token and database, with other notifier settings."""
     custom = load_settings(**(settings.model_dump() | changes))
-    server, port, stop = start_server(custom)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield RunningServer(server, port, channel, pb_grpc.KeyBinderServiceStub(channel))
-    finally:
-        channel.close()
-        stop()
+    with running(custom) as server:
+        yield server
 
 
 def smtp_settings(server: SmtpServer, tls: TlsFiles, password_file: Path) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -17,8 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from server.app import initialise, issuer_chain_pem
 from server.config import load_settings
 from server.demo import new_wallet_key
-from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
-from tests.conftest import RunningServer, bind_request, md, new_person, otp_challenge, send_otp, start_server
+from tests.conftest import RunningServer, bind_request, md, new_person, otp_challenge, running, send_otp
 from tests.hsm_backends import HsmBackend
 
 
@@ -31,13 +29,8 @@ def kb_ock(opencryptoki_backend: HsmBackend, tmp_path_factory: pytest.TempPathFa
     # The token and both keys were made on the HSM beforehand: init only issues the certificate.
     assert any("HMAC key" in line for line in report.reused), report
     assert any("issuer key" in line for line in report.reused), report
-    server, port, stop = start_server(settings)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield RunningServer(server, port, channel, pb_grpc.KeyBinderServiceStub(channel))
-    finally:
-        channel.close()
-        stop()
+    with running(settings) as server:
+        yield server
 
 
 @pytest.mark.parametrize("key_type", ["ec-p256", "ed25519"])

@@ -33,8 +33,8 @@ from tests.conftest import (
     md,
     new_person,
     otp_challenge,
+    running,
     send_otp,
-    start_server,
 )
 from tests.hsm_backends import P11KIT_CLIENT, HsmBackend, P11KitServer
 from tests.test_cli import cli_env, make_data_dir, partner_md
@@ -48,13 +48,8 @@ from tests.test_faults import binding_rows, health, start, wait_for
 def kb_remote(settings: Settings, p11kit_backend: HsmBackend, kb: RunningServer) -> Iterator[RunningServer]:
     """A second server on the session's data, configured with the p11-kit URI of the same token."""
     remote = settings.model_copy(update={"hsm_uri": str(p11kit_backend.uri)})
-    server, port, stop = start_server(remote)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield RunningServer(server, port, channel, pb_grpc.KeyBinderServiceStub(channel))
-    finally:
-        channel.close()
-        stop()
+    with running(remote) as server:
+        yield server
 
 
 def test_server_uses_the_module_its_uri_names(kb_remote: RunningServer) -> None:

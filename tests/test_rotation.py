@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import grpc
 import psycopg
 import pytest
 from cryptography import x509
@@ -44,7 +43,6 @@ from server.demo import new_wallet_key
 from server.domain import IssuerRecord, PendingIssuer
 from server.errors import KeyBindingFailedError
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
-from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
 from server.issuers import IssuerState
 from server.stores import open_store
 from server.stores import postgres as pg
@@ -56,7 +54,7 @@ from tests.conftest import (
     fresh_database,
     md,
     pin_challenge,
-    start_server,
+    running,
 )
 from tests.test_cli import cli_env
 
@@ -225,13 +223,8 @@ def own_settings(settings: Settings, directory: Path, **update: object) -> Setti
 def world(settings: Settings, tmp_path: Path) -> Iterator[World]:
     own = own_settings(settings, tmp_path)
     initialise(own)
-    server, port, stop = start_server(own)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield World(own, RunningServer(server, port, channel, pb_grpc.KeyBinderServiceStub(channel)))
-    finally:
-        channel.close()
-        stop()
+    with running(own) as server:
+        yield World(own, server)
 
 
 def bind(w: World) -> x509.Certificate:
