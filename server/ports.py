@@ -64,10 +64,6 @@ class OtpStore(Protocol):
 
 
 class BindingStore(Protocol):
-    def key_owner(self, key_fingerprint: str) -> bytes | None:
-        """The ID-HMAC the wallet key is bound to, if any."""
-        ...
-
     def claim_key(self, key_fingerprint: str, id_hmac: bytes, now: datetime) -> None:
         """Record that the wallet key belongs to this individual, atomically and for good; raises
         ``KeyOwnedByOther`` when another individual claimed it first. Claiming one's own key again is a

@@ -46,6 +46,10 @@ class Store(
 
     def bindings_for(self, id_hmac: bytes, partner_id: str) -> Sequence[Binding]: ...
 
+    def key_owner(self, key_fingerprint: str) -> bytes | None:
+        """The ID-HMAC that claimed the wallet key, if any (admin and tests; the service only claims)."""
+        ...
+
 
 def sqlite_path(url: str) -> Path | None:
     return Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None

@@ -71,9 +71,9 @@ CREATE INDEX bindings_by_individual ON bindings (id_hmac, partner_id);
 
 -- A wallet key belongs to one individual for good: binding it to another is refused.
 -- Distribution column: key_fingerprint, NOT id_hmac. The rule "one key, one individual" is a uniqueness
--- constraint across individuals, so this table cannot live on the individual's shard: on Citus the insert
--- in commit_binding makes the binding a two-shard transaction (two-phase commit), and key_owner is a
--- single-shard lookup on the key's shard. Keeping the guarantee in the database is worth that cost.
+-- constraint across individuals, so this table cannot live on the individual's shard. The key is claimed
+-- in a single-row transaction of its own on the key's shard (PostgresStore.claim_key), never inside an
+-- individual's binding transaction. (Comment updated after release; the schema is unchanged.)
 CREATE TABLE wallet_keys (
     key_fingerprint  text PRIMARY KEY,
     id_hmac          bytea NOT NULL,
