@@ -94,7 +94,7 @@ def fresh_database(prefix: str) -> Iterator[str]:
             name = f"{prefix}_{secrets.token_hex(4)}"
             admin.execute(f'CREATE DATABASE "{name}"')
     except psycopg.OperationalError:
-        require(False, "PostgreSQL at 127.0.0.1:5432")
+        require(False, f"PostgreSQL at {PG_ADMIN_URL}")
         raise
     try:
         yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"

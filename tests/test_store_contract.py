@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import sqlite3
@@ -39,9 +38,9 @@ from server.stores import postgres as pg
 from server.stores import sqlite as lite
 from server.stores.postgres import PostgresStore
 from server.stores.sqlite import SqliteStore
-from tests.conftest import require
+from tests.conftest import PG_ADMIN_URL, require
 
-PG_URL = os.environ.get("KEYBINDER_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+PG_URL = PG_ADMIN_URL  # one setting for every PostgreSQL test: $KEYBINDER_TEST_POSTGRES
 Store = SqliteStore | PostgresStore
 R = TypeVar("R")
 
@@ -71,7 +70,7 @@ def fresh_schema() -> Iterator[str]:
     try:
         admin = psycopg.connect(PG_URL, autocommit=True, connect_timeout=3)
     except psycopg.OperationalError:
-        require(False, "PostgreSQL at 127.0.0.1:5432")
+        require(False, f"PostgreSQL at {PG_URL}")
         raise
     name = f"kb_test_{secrets.token_hex(6)}"
     with admin:
