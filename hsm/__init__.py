@@ -14,11 +14,15 @@ from hsm.errors import (
     TokenNotFoundError,
 )
 from hsm.keys import KeyInfo, KeyInspector, KeyKind, KeyManager, MacKeyManager, Pkcs11KeyManager, PublicKey
+from hsm.provision import init_token, token_exists
+from hsm.session import SessionObserver, set_observer
+from hsm.signer import HsmPrivateKey, signer_for
 from hsm.uri import Pkcs11Uri
 
 __all__ = [
     "HsmConfigError",
     "HsmError",
+    "HsmPrivateKey",
     "HsmUnavailableError",
     "KeyExistsError",
     "KeyInfo",
@@ -32,5 +36,10 @@ __all__ = [
     "Pkcs11KeyManager",
     "Pkcs11Uri",
     "PublicKey",
+    "SessionObserver",
     "TokenNotFoundError",
+    "init_token",
+    "set_observer",
+    "signer_for",
+    "token_exists",
 ]

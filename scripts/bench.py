@@ -35,9 +35,9 @@ import grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from server.demo import new_wallet_key  # noqa: E402
 from server.gen.keybinder.v1 import keybinder_pb2 as pb  # noqa: E402
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc  # noqa: E402
+from server.grpc_api.demo import new_wallet_key  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PARTNER_ID = "demo-wallet"  # registered by `init --demo-partner`

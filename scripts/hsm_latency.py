@@ -40,8 +40,12 @@ sys.path.insert(0, str(ROOT))
 from cryptography.hazmat.primitives import hashes  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa  # noqa: E402
 
-from hsm import KeyKind, Pkcs11KeyManager, Pkcs11Uri  # noqa: E402
-from hsm.provision import init_token  # noqa: E402
+from hsm import (  # noqa: E402
+    KeyKind,
+    Pkcs11KeyManager,
+    Pkcs11Uri,
+    init_token,
+)
 
 SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
 KEY_LABEL = "latency-p256"

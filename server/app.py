@@ -13,8 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding
 
-from hsm import KeyKind, Pkcs11KeyManager
-from hsm.provision import init_token, token_exists
+from hsm import KeyKind, Pkcs11KeyManager, init_token, token_exists
 from server.audit import admin_event
 from server.certs import (
     IssuerCertificateError,
@@ -24,14 +23,14 @@ from server.certs import (
     to_pem,
 )
 from server.config import DEFAULT_ISSUER_LABEL, Settings, redact_url
-from server.domain import Identity, IssuerRecord, OtpChannel, PendingIssuer
+from server.domain import Identity, IssuerRecord, OtpChannel, Partner, PendingIssuer
 from server.hsm_backend import HsmHasher, HsmIssuerKeys
 from server.issuers import IssuerState, IssuerStatus, issuer_statuses, new_issuer_label, published_certificates
 from server.notifiers import ChannelRouter, read_secret
 from server.notifiers.outbox import OutboxNotifier
 from server.notifiers.smtp import SmtpConfig, SmtpNotifier
 from server.notifiers.webhook import WebhookConfig, WebhookNotifier
-from server.partners import Partner, PartnerAuthenticator, hash_api_key, new_api_key
+from server.partners import PartnerAuthenticator, hash_api_key, new_api_key
 from server.ports import Notifier
 from server.service import KeyBinderService
 from server.stores import Store, migrate, open_store

@@ -656,7 +656,7 @@ def demo(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Walk through a binding against a running server: OTP from the outbox, bind, print the certificate."""
-    from server.demo import DemoTls, run_demo
+    from server.grpc_api.demo import DemoTls, run_demo
 
     settings = _settings(config, data_dir, None, None)
     key_path = partner_key_file or settings.demo_partner_key_file

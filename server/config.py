@@ -19,7 +19,7 @@ from hsm import KeyKind, Pkcs11Uri
 from server.limits import Limits, RateRule
 from server.notifiers import read_secret
 from server.notifiers.webhook import check_webhook_url
-from server.service import DEFAULT_INDIVIDUAL_ID_PATTERN, Policy
+from server.policy import DEFAULT_INDIVIDUAL_ID_PATTERN, Policy
 from server.stores import check_url, is_postgres, sqlite_path
 
 DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"

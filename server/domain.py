@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+#: What signs wallet certificates: a private key object whose sign() may go to the HSM.
+IssuerPrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 
 class BindingStatus(enum.StrEnum):
@@ -108,3 +113,15 @@ class OtpMessage:
 
     def __repr__(self) -> str:  # the OTP must not reach logs through a repr
         return f"OtpMessage(channel={self.channel!s}, transaction_id={self.transaction_id!r}, otp=******)"
+
+
+@dataclass(frozen=True, slots=True)
+class Partner:
+    """A registered partner. Only the hash of its API key is kept; it never prints."""
+
+    partner_id: str
+    api_key_hash: bytes = field(repr=False)
+    enabled: bool
+    client_cert_sha256: str | None
+    created_at: datetime
+    updated_at: datetime

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
-from hsm import HsmError, Pkcs11KeyManager
-from hsm.signer import signer_for
-from server.certs import IssuerPrivateKey
+from hsm import HsmError, Pkcs11KeyManager, signer_for
+from server.domain import IssuerPrivateKey
 from server.ports import BackendFailure, BackendUnavailable
 
 T = TypeVar("T")

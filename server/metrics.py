@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import hsm.session
+from hsm import set_observer
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -141,7 +141,7 @@ def enable() -> Recorder:
     with _recorder_lock:
         if _recorder is None:
             _recorder = Recorder()
-        hsm.session.set_observer(_recorder)
+        set_observer(_recorder)
         return _recorder
 
 

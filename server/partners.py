@@ -9,14 +9,15 @@ import secrets
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Final, Protocol
+from typing import Final
 
+from server.domain import Partner
 from server.errors import BackendUnavailableError, InvalidPartnerError, RequiredHeaderMissingError
-from server.ports import BackendUnavailable, StoreConflict
-from server.service import PARTNER_ID_PATTERN
+from server.policy import PARTNER_ID_PATTERN
+from server.ports import BackendUnavailable, PartnerStore
 
 log = logging.getLogger(__name__)
 
@@ -52,49 +53,11 @@ def certificate_fingerprint(pem: str | bytes) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class Partner:
-    """A registered partner. Only the hash of its API key is kept; it never prints."""
-
-    partner_id: str
-    api_key_hash: bytes = field(repr=False)
-    enabled: bool
-    client_cert_sha256: str | None
-    created_at: datetime
-    updated_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
 class IssuedKey:
     """A newly issued API key, shown to the operator once. Prints masked."""
 
     partner_id: str
     api_key: str = field(repr=False)
-
-
-class PartnerCertificateInUse(StoreConflict):
-    """The client certificate is already mapped to another partner."""
-
-
-class PartnerStore(Protocol):
-    """Where partners live (the database: every replica sees the same partners)."""
-
-    def add_partner(self, partner: Partner) -> bool:
-        """Insert; False (writing nothing) when the id exists. ``PartnerCertificateInUse`` on a taken cert."""
-        ...
-
-    def get_partner(self, partner_id: str) -> Partner | None: ...
-
-    def partner_by_certificate(self, fingerprint: str) -> Partner | None: ...
-
-    def list_partners(self) -> Sequence[Partner]: ...
-
-    def set_partner_enabled(self, partner_id: str, enabled: bool, now: datetime) -> bool:
-        """False when there is no such partner."""
-        ...
-
-    def set_partner_key(self, partner_id: str, api_key_hash: bytes, now: datetime) -> bool: ...
-
-    def set_partner_certificate(self, partner_id: str, fingerprint: str | None, now: datetime) -> bool: ...
 
 
 # -- administration (the CLI) -------------------------------------------------------------------

@@ -7,8 +7,16 @@ from datetime import datetime
 from typing import Protocol
 
 from server.audit import AuditEvent, AuditRow
-from server.certs import IssuerPrivateKey
-from server.domain import Binding, Identity, IssuerRecord, OtpMessage, OtpRecord, PendingIssuer
+from server.domain import (
+    Binding,
+    Identity,
+    IssuerPrivateKey,
+    IssuerRecord,
+    OtpMessage,
+    OtpRecord,
+    Partner,
+    PendingIssuer,
+)
 from server.limits import FailureState, Limits, RateRule
 
 
@@ -227,3 +235,29 @@ class StoreUnavailable(BackendUnavailable):
 
 class BackendFailure(Exception):
     """A backend failed in a way retrying will not fix (misconfiguration, missing key)."""
+
+
+class PartnerCertificateInUse(StoreConflict):
+    """The client certificate is already mapped to another partner."""
+
+
+class PartnerStore(Protocol):
+    """Where partners live (the database: every replica sees the same partners)."""
+
+    def add_partner(self, partner: Partner) -> bool:
+        """Insert; False (writing nothing) when the id exists. ``PartnerCertificateInUse`` on a taken cert."""
+        ...
+
+    def get_partner(self, partner_id: str) -> Partner | None: ...
+
+    def partner_by_certificate(self, fingerprint: str) -> Partner | None: ...
+
+    def list_partners(self) -> Sequence[Partner]: ...
+
+    def set_partner_enabled(self, partner_id: str, enabled: bool, now: datetime) -> bool:
+        """False when there is no such partner."""
+        ...
+
+    def set_partner_key(self, partner_id: str, api_key_hash: bytes, now: datetime) -> bool: ...
+
+    def set_partner_certificate(self, partner_id: str, fingerprint: str | None, now: datetime) -> bool: ...

@@ -12,7 +12,7 @@ import string
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import ParamSpec, TypeVar
 
@@ -48,7 +48,8 @@ from server.errors import (
 )
 from server.issuers import published_certificates, published_chains, rotation_due, signing_issuer
 from server.jwk import WalletPublicKey, parse_wallet_jwk
-from server.limits import Limits, seconds_until
+from server.limits import seconds_until
+from server.policy import PARTNER_ID_PATTERN, Policy
 from server.ports import (
     AuditLog,
     BackendFailure,
@@ -76,8 +77,6 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 OTP_ALPHABET = string.ascii_uppercase + string.digits
-PARTNER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
-DEFAULT_INDIVIDUAL_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}"
 REVOCATION_REASON_PATTERN = re.compile(r"[\x20-\x7e]{1,200}")
 #: Bounds on an individual ID whatever the configured pattern admits: it is hashed, logged nowhere, and
 #: must not carry control characters or be a vehicle for megabytes.
@@ -96,36 +95,6 @@ MAC_ID = "individual-id"
 MAC_PSUT = "psut"
 MAC_OTP = "otp"
 MAC_PIN = "pin"
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    """Tunable behaviour of the service; every unit is in the name."""
-
-    otp_ttl_seconds: int = 180
-    otp_max_attempts: int = 3
-    cert_validity_days: int = 365
-    bind_auth_factor_types: frozenset[str] = frozenset({"WLA"})
-    challenge_factors: frozenset[str] = frozenset({"OTP", "PIN", "WLA"})
-    individual_id_pattern: str = DEFAULT_INDIVIDUAL_ID_PATTERN
-    wla_audience: str = "keybinder"
-    wla_skew_seconds: int = 30
-    wla_max_lifetime_seconds: int = 300
-    #: off / optional / required, per partner; partners not listed get the default.
-    proof_of_possession: str = "optional"
-    proof_of_possession_by_partner: tuple[tuple[str, str], ...] = ()
-    limits: Limits = field(default_factory=Limits)
-    # Issuer key lifecycle (see server/issuers.py).
-    issuer_rotation_window_days: int = 60
-    #: How long a replica reuses the issuer list it read; a rotation reaches every replica within it.
-    issuer_cache_seconds: float = 30.0
-
-    def pop_mode(self, partner_id: str) -> str:
-        return dict(self.proof_of_possession_by_partner).get(partner_id, self.proof_of_possession)
-
-    @property
-    def wla_rules(self) -> TokenRules:
-        return TokenRules(self.wla_audience, self.wla_skew_seconds, self.wla_max_lifetime_seconds)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,8 +24,8 @@ from server.audit import (
     partner_chain,
     verify_chains,
 )
-from server.demo import new_wallet_key
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
+from server.grpc_api.demo import new_wallet_key
 from server.ports import StoreUnavailable
 from server.stores import postgres as pg
 from server.stores import sqlite as lite

@@ -27,8 +27,8 @@ from pkilint.pkix import certificate, extension, name
 from pkilint.validation import ValidationFindingSeverity
 
 from server.app import issuer_chain_pem
-from server.demo import new_wallet_key
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
+from server.grpc_api.demo import new_wallet_key
 from server.jwk import WalletPublicKey, parse_wallet_jwk
 from tests.conftest import (
     PARTNER,

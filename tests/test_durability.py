@@ -23,9 +23,9 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from server.demo import new_wallet_key
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
+from server.grpc_api.demo import new_wallet_key
 from server.stores.postgres import POOL_TIMEOUT_SECONDS
 from tests.conftest import SOFTHSM_MODULE, fresh_database, require
 from tests.test_cli import KEYBINDER, cli_env, kb_cli, partner_md

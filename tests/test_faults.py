@@ -14,9 +14,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.demo import new_wallet_key, read_otp
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
+from server.grpc_api.demo import new_wallet_key, read_otp
 from tests.conftest import failure
 from tests.test_cli import DEMO_ID, KEYBINDER, cli_env, make_data_dir, partner_md
 

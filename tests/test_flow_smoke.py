@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cryptography import x509
 
-from server.demo import new_wallet_key
+from server.grpc_api.demo import new_wallet_key
 from tests.conftest import Person, RunningServer, bind_request, md, otp_challenge, send_otp
 
 

@@ -21,10 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.app import register_identity
-from server.demo import WalletPrivateKey, new_wallet_key
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
-from server.service import DEFAULT_INDIVIDUAL_ID_PATTERN, PARTNER_ID_PATTERN, b64url
+from server.grpc_api.demo import WalletPrivateKey, new_wallet_key
+from server.policy import DEFAULT_INDIVIDUAL_ID_PATTERN, PARTNER_ID_PATTERN
+from server.service import b64url
 from tests.conftest import POP_OFF_PARTNER, POP_REQUIRED_PARTNER, Person, RunningServer, md, otp_challenge, send_otp
 
 FUZZ_PARTNER = "fuzz-wallet"

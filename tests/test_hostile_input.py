@@ -17,9 +17,9 @@ import pytest
 from google.protobuf.message import Message
 
 from server.config import load_settings
-from server.demo import new_wallet_key
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.grpc_api.decoding import MAX_REQUEST_BYTES
+from server.grpc_api.demo import new_wallet_key
 from tests.conftest import (
     Person,
     RpcFailure,

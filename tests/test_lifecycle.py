@@ -34,9 +34,9 @@ from joserfc import jws
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 from yoyo import get_backend, read_migrations
 
-from server.demo import WalletPrivateKey, new_wallet_key
 from server.domain import Binding, BindingStatus
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
+from server.grpc_api.demo import WalletPrivateKey, new_wallet_key
 from server.jwk import parse_wallet_jwk
 from server.service import b64url
 from server.stores import sqlite as sqlite_store
@@ -72,7 +72,7 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 
-#: The JWS alg a wallet uses by default for each key kind of `server.demo.new_wallet_key`.
+#: The JWS alg a wallet uses by default for each key kind of `server.grpc_api.demo.new_wallet_key`.
 DEFAULT_ALG = {"ec-p256": "ES256", "ec-p384": "ES384", "rsa-2048": "RS256", "ed25519": "EdDSA"}
 
 

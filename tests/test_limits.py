@@ -14,8 +14,8 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from server.config import load_settings
-from server.demo import new_wallet_key
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
+from server.grpc_api.demo import new_wallet_key
 from server.limits import Limits, RateRule
 from server.stores import postgres as pg
 from server.stores.postgres import PostgresStore

@@ -17,9 +17,9 @@ import grpc
 import pytest
 
 from server.config import Settings
-from server.demo import new_wallet_key
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
+from server.grpc_api.demo import new_wallet_key
 from server.logs import clean_header, make_handler, use_json
 from tests.conftest import (
     PARTNER,

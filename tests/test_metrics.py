@@ -23,10 +23,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from hsm import KeyNotFoundError
 from server import metrics
 from server.config import load_settings
-from server.demo import new_wallet_key, read_otp
 from server.errors import TooManyAttemptsError
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
+from server.grpc_api.demo import new_wallet_key, read_otp
 from server.stores import Store, open_store
 from tests.conftest import Person, RunningServer, bind_request, md, other_otp, otp_challenge, send_otp
 from tests.test_cli import DEMO_ID, KEYBINDER, cli_env, kb_cli, make_data_dir

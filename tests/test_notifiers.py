@@ -35,9 +35,9 @@ from pydantic import ValidationError
 
 from server.app import build_notifier
 from server.config import Settings, load_settings
-from server.demo import new_wallet_key
 from server.domain import OtpChannel, OtpMessage
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
+from server.grpc_api.demo import new_wallet_key
 from server.notifiers import SecretSourceError, read_secret
 from server.notifiers.smtp import SmtpConfig, SmtpNotifier
 from server.notifiers.webhook import (

@@ -61,7 +61,7 @@ def test_server_uses_the_module_its_uri_names(kb_remote: RunningServer) -> None:
 def test_binding_through_p11kit(kb: RunningServer, kb_remote: RunningServer, key_type: str) -> None:
     # Registered through the in-process SoftHSM server, bound through the remote one: the HMAC
     # key behind p11-kit is the same key, so the individual is found.
-    from server.demo import new_wallet_key
+    from server.grpc_api.demo import new_wallet_key
 
     person = new_person(kb)
     _, otp = send_otp(kb_remote, person)
@@ -74,7 +74,7 @@ def test_binding_through_p11kit(kb: RunningServer, kb_remote: RunningServer, key
 
 
 def test_concurrent_bindings_through_p11kit(kb: RunningServer, kb_remote: RunningServer) -> None:
-    from server.demo import new_wallet_key
+    from server.grpc_api.demo import new_wallet_key
 
     # One binding per person: a newer OTP for the same person replaces the older one.
     people = [new_person(kb) for _ in range(12)]

@@ -24,13 +24,13 @@ from grpc_status import rpc_status
 from server import partners as partners_module
 from server.app import DEMO_PARTNER
 from server.config import load_settings
+from server.domain import Partner
 from server.errors import BackendUnavailableError, InvalidPartnerError, RequiredHeaderMissingError
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
 from server.partners import (
     API_KEY_PREFIX,
     IssuedKey,
-    Partner,
     PartnerAuthenticator,
     add_partner,
     hash_api_key,

@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from joserfc import jws
 from joserfc.jwk import ECKey
 
-from server.demo import new_wallet_key, read_otp
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
+from server.grpc_api.demo import new_wallet_key, read_otp
 from server.stores.postgres import PostgresStore
 from tests.conftest import SOFTHSM_MODULE, fresh_database, require
 from tests.test_cli import DEMO_ID, KEYBINDER, cli_env, kb_cli

@@ -39,10 +39,10 @@ from server.app import (
 from server.certs import x5t_s256
 from server.challenges import Challenge
 from server.config import Settings, load_settings
-from server.demo import new_wallet_key
 from server.domain import IssuerRecord, PendingIssuer
 from server.errors import KeyBindingFailedError
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
+from server.grpc_api.demo import new_wallet_key
 from server.issuers import IssuerState
 from server.stores import open_store
 from server.stores import postgres as pg

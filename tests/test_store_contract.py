@@ -30,10 +30,17 @@ from server.audit import (
     partner_event,
     verify_chains,
 )
-from server.domain import Binding, BindingStatus, Identity, IssuerRecord, OtpRecord, PendingIssuer
+from server.domain import Binding, BindingStatus, Identity, IssuerRecord, OtpRecord, Partner, PendingIssuer
 from server.limits import Limits, RateRule
-from server.partners import Partner, PartnerCertificateInUse, hash_api_key
-from server.ports import KeyOwnedByOther, OtpAlreadyUsed, RateLimited, StoreConflict, StoreUnavailable
+from server.partners import hash_api_key
+from server.ports import (
+    KeyOwnedByOther,
+    OtpAlreadyUsed,
+    PartnerCertificateInUse,
+    RateLimited,
+    StoreConflict,
+    StoreUnavailable,
+)
 from server.stores import postgres as pg
 from server.stores import sqlite as lite
 from server.stores.postgres import PostgresStore

@@ -402,7 +402,7 @@ def test_mtls_client_certificate_authenticates_a_partner(
 
 
 def _bind(port: int, ca: Issued, client: Issued, data_dir: Path) -> str:
-    from server.demo import new_wallet_key, read_otp
+    from server.grpc_api.demo import new_wallet_key, read_otp
 
     with tls_channel(port, ca, client) as channel:
         stub = pb_grpc.KeyBinderServiceStub(channel)

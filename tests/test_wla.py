@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from joserfc import jws
 
-from server.demo import WalletPrivateKey, new_wallet_key
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
+from server.grpc_api.demo import WalletPrivateKey, new_wallet_key
 from server.service import b64url
 from server.stores.sqlite import ts
 from server.wla import TokenRules

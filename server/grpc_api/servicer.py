@@ -12,13 +12,14 @@ from typing import Any, TypeVar
 
 import grpc
 
+from server.domain import Partner
 from server.errors import InvalidPartnerError, KeyBinderError
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
 from server.grpc_api import converters
+from server.grpc_api.observability import Rpc, otps_sent
 from server.grpc_api.status import internal_status, to_status
-from server.observability import Rpc, otps_sent
-from server.partners import Partner, PartnerAuthenticator, certificate_fingerprint
+from server.partners import PartnerAuthenticator, certificate_fingerprint
 from server.service import KeyBinderService
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def authenticated(method: Method[Req, Resp]) -> Handler[Req, Resp]:
     @functools.wraps(method)
     async def wrapper(self: KeyBinderServicer, request: Req, context: grpc.aio.ServicerContext) -> Resp:
         # Observability: request context for logs, the access-log line (with a refusal's reason and
-        # cause) and metrics at the end, x-request-id in the trailing metadata (see server.observability).
+        # cause) and metrics at the end, x-request-id in the trailing metadata (see server.grpc_api.observability).
         with Rpc(name, context) as rpc:
             try:
                 partner = await self.authenticate(context)

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Protocol
 
 from server.domain import Binding
-from server.partners import PartnerStore
 from server.ports import (
     AuditLog,
     BindingStore,
@@ -16,6 +15,7 @@ from server.ports import (
     LimitStore,
     NonceStore,
     OtpStore,
+    PartnerStore,
     ReplayCache,
 )
 

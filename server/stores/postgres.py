@@ -17,10 +17,9 @@ from psycopg_pool import ConnectionPool
 from yoyo import get_backend, read_migrations
 
 from server.audit import GENESIS, AuditEvent, AuditRow
-from server.domain import Binding, BindingStatus, Identity, IssuerRecord, OtpRecord, PendingIssuer
+from server.domain import Binding, BindingStatus, Identity, IssuerRecord, OtpRecord, Partner, PendingIssuer
 from server.limits import FailureState, Limits, RateRule, Window, after_failure, seconds_until
-from server.partners import Partner, PartnerCertificateInUse
-from server.ports import KeyOwnedByOther, OtpAlreadyUsed, RateLimited, StoreUnavailable
+from server.ports import KeyOwnedByOther, OtpAlreadyUsed, PartnerCertificateInUse, RateLimited, StoreUnavailable
 
 T = TypeVar("T")
 Conn = psycopg.Connection[TupleRow]

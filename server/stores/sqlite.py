@@ -12,10 +12,9 @@ from pathlib import Path
 from yoyo import get_backend, read_migrations
 
 from server.audit import GENESIS, AuditEvent, AuditRow, link_hash
-from server.domain import Binding, BindingStatus, Identity, IssuerRecord, OtpRecord, PendingIssuer
+from server.domain import Binding, BindingStatus, Identity, IssuerRecord, OtpRecord, Partner, PendingIssuer
 from server.limits import FailureState, Limits, RateRule, Window, after_failure, seconds_until
-from server.partners import Partner, PartnerCertificateInUse
-from server.ports import KeyOwnedByOther, OtpAlreadyUsed, RateLimited, StoreUnavailable
+from server.ports import KeyOwnedByOther, OtpAlreadyUsed, PartnerCertificateInUse, RateLimited, StoreUnavailable
 
 BUSY_TIMEOUT_SECONDS = 5.0
 TABLES = frozenset(
