@@ -10,7 +10,7 @@ SOFTHSM_MODULE ?= /usr/lib/softhsm/libsofthsm2.so
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 KB       := $(BIN)/keybinder
 
-.PHONY: help run test setup deps dev-deps softhsm hsm-deps node node-deps buf-lint buf-breaking bench lint typecheck proto proto-check demo clean
+.PHONY: help run test setup deps dev-deps softhsm hsm-deps node node-deps buf-lint buf-breaking bench layers lint typecheck proto proto-check demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -68,6 +68,9 @@ hsm-deps: softhsm  ## install p11-kit and openCryptoki from apt when missing (fo
 	fi
 	@command -v p11-kit >/dev/null && ls /usr/lib/*/pkcs11/p11-kit-client.so /usr/lib/*/pkcs11/libopencryptoki.so \
 		>/dev/null 2>&1 || { echo "p11-kit or openCryptoki still missing"; exit 1; }
+
+layers: dev-deps  ## fail on an import that points the wrong way (tests/test_layers.py)
+	$(BIN)/pytest -q -p no:cacheprovider tests/test_layers.py
 
 lint: dev-deps  ## ruff check and format check
 	$(BIN)/ruff check .
