@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 import enum
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from joserfc.jwk import ECKey, OKPKey, RSAKey
 
+from server.certs import to_pem, x5t_s256
 from server.domain import IssuerRecord, PendingIssuer
 
 #: Random hex digits in a new key label: labels are primary keys and are never reused.
@@ -148,3 +154,38 @@ def rotation_due(records: Sequence[IssuerRecord], now: datetime, window: timedel
 def new_issuer_label(base: str, now: datetime) -> str:
     """A fresh label for a rotated key, e.g. ``keybinder-issuer-20261129-3fa9c1``."""
     return f"{base}-{now:%Y%m%d}-{secrets.token_hex(LABEL_SUFFIX_BYTES)}"
+
+
+def published_pems(chains: Sequence[tuple[x509.Certificate, Sequence[x509.Certificate]]]) -> list[str]:
+    """The issuers' certificates, then the CA certificates above them, each once, as PEM."""
+    certificates = [issuer for issuer, _ in chains]
+    for _, chain in chains:
+        certificates += [ca for ca in chain if ca not in certificates]
+    return [to_pem(c) for c in certificates]
+
+
+def issuer_jwks(chains: Sequence[tuple[x509.Certificate, Sequence[x509.Certificate]]]) -> dict[str, Any]:
+    """A JWKS with one key per issuer: kid = x5t#S256 of its certificate, x5c = that certificate and
+    the chain above it. A CA certificate above an issuer is never a key of the JWKS."""
+    keys = []
+    for cert, chain in chains:
+        public = cert.public_key()
+        jwk: dict[str, Any]
+        if isinstance(public, ec.EllipticCurvePublicKey):
+            jwk = dict(ECKey.import_key(public).as_dict())
+            alg = "ES384" if public.curve.key_size == 384 else "ES256"
+        elif isinstance(public, rsa.RSAPublicKey):
+            jwk, alg = dict(RSAKey.import_key(public).as_dict()), "RS256"
+        elif isinstance(public, ed25519.Ed25519PublicKey):
+            jwk, alg = dict(OKPKey.import_key(public).as_dict()), "EdDSA"
+        else:
+            raise TypeError(f"unsupported issuer key type {type(public).__name__}")
+        jwk.update(
+            kid=x5t_s256(cert),
+            use="sig",
+            alg=alg,
+            x5c=[base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode("ascii") for c in [cert, *chain]],
+        )
+        jwk["x5t#S256"] = x5t_s256(cert)
+        keys.append(jwk)
+    return {"keys": keys}

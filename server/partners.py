@@ -146,10 +146,6 @@ class PartnerAuthenticator:
                 self._cache[cache_key] = _Entry(partner, now, now + self.cache_seconds)
         return partner
 
-    def lookup(self, cache_key: str) -> Partner | None:
-        hit, partner = self.cached(cache_key)
-        return partner if hit else self.fetch(cache_key)
-
     def worth_refreshing(self, cache_key: str) -> bool:
         """True when a refusal came from a cached record old enough to read again (see the class doc)."""
         entry = self._cache.get(cache_key)
@@ -193,17 +189,3 @@ class PartnerAuthenticator:
         if api_key:
             PartnerAuthenticator.verify_key(partner.partner_id, api_key, partner)
         return partner.partner_id
-
-    def authenticate(self, partner_id: str | None, api_key: str | None, cert_fingerprint: str | None = None) -> str:
-        """The authenticated partner id (blocking on a cache miss); the gRPC layer does the same in steps."""
-        if cert_fingerprint is not None:
-            partner = self.lookup("cert:" + cert_fingerprint)
-            if partner is not None:
-                return self.verify_certificate(partner_id, api_key, partner)
-        pid, key = self.check_headers(partner_id, api_key)
-        try:
-            return self.verify_key(pid, key, self.lookup("id:" + pid))
-        except InvalidPartnerError:
-            if not self.worth_refreshing("id:" + pid):
-                raise
-        return self.verify_key(pid, key, self.fetch("id:" + pid))

@@ -1,4 +1,5 @@
-"""The gRPC server process: grpc.aio front, blocking service calls on a thread pool."""
+"""The gRPC server process: grpc.aio front; blocking service calls inline on the event loop or on a bounded
+thread pool (`rpc_threads`: none by default with SQLite, 8 with PostgreSQL)."""
 
 from __future__ import annotations
 

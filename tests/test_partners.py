@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import os
@@ -28,6 +29,7 @@ from server.domain import Partner
 from server.errors import BackendUnavailableError, InvalidPartnerError, RequiredHeaderMissingError
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
+from server.grpc_api.servicer import API_KEY_HEADER, PARTNER_ID_HEADER, KeyBinderServicer
 from server.partners import (
     API_KEY_PREFIX,
     IssuedKey,
@@ -229,22 +231,49 @@ def test_a_disable_takes_effect_within_the_cache_time(
     assert time.monotonic() - disabled_at >= ttl * 0.5
 
 
+class PartnerCall:
+    """What the servicer reads of an incoming call: the partner headers, and no client certificate."""
+
+    def __init__(self, partner_id: str, api_key: str) -> None:
+        self.metadata = ((PARTNER_ID_HEADER, partner_id), (API_KEY_HEADER, api_key))
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.metadata
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {}
+
+
+class Checker:
+    """The servicer's partner check (KeyBinderServicer.authenticate) over an authenticator the test builds."""
+
+    def __init__(self, kb: RunningServer, auth: PartnerAuthenticator) -> None:
+        self.servicer = KeyBinderServicer(kb.app.service, None, auth)
+
+    def __call__(self, partner_id: str, api_key: str) -> str:
+        return asyncio.run(self.check(partner_id, api_key))
+
+    async def check(self, partner_id: str, api_key: str) -> str:
+        return await self.servicer.authenticate(PartnerCall(partner_id, api_key))
+
+
 def test_cache_bound_is_exact_with_a_fake_clock(kb: RunningServer) -> None:
-    """The authenticator alone, on the real store, with a clock the test moves."""
+    """The servicer's check on the real store, with a clock the test moves."""
     now = [1000.0]
     auth = PartnerAuthenticator(kb.app.store, cache_seconds=5, clock=lambda: now[0])
+    authenticate = Checker(kb, auth)
     issued = add_partner(kb.app.store, f"clock-{os.urandom(4).hex()}", datetime.now(UTC))
-    assert auth.authenticate(issued.partner_id, issued.api_key) == issued.partner_id
+    assert authenticate(issued.partner_id, issued.api_key) == issued.partner_id
     kb.app.store.set_partner_enabled(issued.partner_id, False, datetime.now(UTC))
     now[0] += 4.999
-    assert auth.authenticate(issued.partner_id, issued.api_key) == issued.partner_id
+    assert authenticate(issued.partner_id, issued.api_key) == issued.partner_id
     now[0] += 0.002
     with pytest.raises(InvalidPartnerError):
-        auth.authenticate(issued.partner_id, issued.api_key)
+        authenticate(issued.partner_id, issued.api_key)
     # Unknown ids are cached too (a flood of made-up ids costs one query each per cache time), up to a bound.
     assert auth.cached("id:made-up") == (False, None)
     with pytest.raises(InvalidPartnerError):
-        auth.authenticate("made-up", "kb_x")
+        authenticate("made-up", "kb_x")
     assert auth.cached("id:made-up") == (True, None)
     for n in range(partners_module.MAX_CACHE_ENTRIES + 1):
         auth.fetch(f"id:flood-{n}")
@@ -261,22 +290,23 @@ def test_a_rotated_key_works_within_a_second_and_wrong_keys_cannot_flood_the_sto
             return kb.app.store.get_partner(partner_id)
 
     auth = PartnerAuthenticator(CountingStore(), cache_seconds=60, clock=lambda: now[0])  # type: ignore[arg-type]
+    authenticate = Checker(kb, auth)
     issued = add_partner(kb.app.store, f"rotating-{os.urandom(4).hex()}", datetime.now(UTC))
-    assert auth.authenticate(issued.partner_id, issued.api_key) == issued.partner_id
+    assert authenticate(issued.partner_id, issued.api_key) == issued.partner_id
     rotated = partners_module.rotate_key(kb.app.store, issued.partner_id, datetime.now(UTC))
     # Within a second of the last read, the cached record decides: the new key waits, no extra read.
     now[0] += partners_module.REFRESH_AFTER_SECONDS / 2
     for _ in range(100):
         with pytest.raises(InvalidPartnerError):
-            auth.authenticate(issued.partner_id, rotated.api_key)
+            authenticate(issued.partner_id, rotated.api_key)
     assert len(reads) == 1
     # After a second, a refused key is checked against the store once: the new key works, the old one not.
     now[0] += partners_module.REFRESH_AFTER_SECONDS
-    assert auth.authenticate(issued.partner_id, rotated.api_key) == issued.partner_id
+    assert authenticate(issued.partner_id, rotated.api_key) == issued.partner_id
     assert len(reads) == 2
     for _ in range(100):
         with pytest.raises(InvalidPartnerError):
-            auth.authenticate(issued.partner_id, issued.api_key)
+            authenticate(issued.partner_id, issued.api_key)
     assert len(reads) == 2
 
 
@@ -311,26 +341,30 @@ def test_the_key_comparison_is_constant_time_even_for_unknown_partners(
     assert all(len(a) == len(b) == 32 for a, b in compared)
 
 
-def test_an_unreachable_database_is_retryable_not_internal() -> None:
+def test_an_unreachable_database_is_retryable_not_internal(kb: RunningServer) -> None:
     class DownStore:
         def get_partner(self, partner_id: str) -> Partner | None:
             raise StoreUnavailable("connection refused")
 
-    auth = PartnerAuthenticator(DownStore(), cache_seconds=0)  # type: ignore[arg-type]
+    authenticate = Checker(kb, PartnerAuthenticator(DownStore(), cache_seconds=0))  # type: ignore[arg-type]
     with pytest.raises(BackendUnavailableError):
-        auth.authenticate(PARTNER, PARTNER_KEYS[PARTNER])
+        authenticate(PARTNER, PARTNER_KEYS[PARTNER])
 
 
 def test_a_cached_check_is_cheap(kb: RunningServer) -> None:
     """Server CPU per request matters: a cache hit is a dict lookup, one SHA-256 and one comparison."""
-    auth = PartnerAuthenticator(kb.app.store, cache_seconds=60)
+    authenticate = Checker(kb, PartnerAuthenticator(kb.app.store, cache_seconds=60))
     key = PARTNER_KEYS[PARTNER]
-    auth.authenticate(PARTNER, key)
+    authenticate(PARTNER, key)
     n = 20_000
-    start = time.perf_counter()
-    for _ in range(n):
-        auth.authenticate(PARTNER, key)
-    per_check = (time.perf_counter() - start) / n
+
+    async def checks() -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            await authenticate.check(PARTNER, key)
+        return time.perf_counter() - start
+
+    per_check = asyncio.run(checks()) / n
     # About 2 microseconds on one core here; the bound leaves room for a loaded machine.
     assert per_check < 50e-6, f"{per_check * 1e6:.1f} us per check"
 

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from google.protobuf.timestamp_pb2 import Timestamp
-from joserfc.jwk import ECKey, OKPKey, RSAKey
 
-from server.certs import to_pem, x5t_s256
 from server.challenges import Challenge
 from server.domain import Binding, BindingStatus
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
+from server.issuers import issuer_jwks, published_pems
 from server.service import KeyBindingResult, SendOtpResult, WalletTokenResult
 
 _STATUS = {
@@ -82,32 +77,7 @@ def binding_to_proto(binding: Binding, status: BindingStatus) -> pb.GetBindingRe
 
 
 def issuers_to_proto(chains: list[tuple[x509.Certificate, list[x509.Certificate]]]) -> pb.GetIssuerCertificatesResponse:
-    """PEM list (issuers, then the CA certificates above them, each once) plus a JWKS with one key per
-    issuer: kid = x5t#S256 of its certificate, x5c = that certificate and the chain above it. A CA
-    certificate above an issuer is in the PEM list for path building, never a key of the JWKS."""
-    keys = []
-    certificates = [issuer for issuer, _ in chains]
-    for cert, chain in chains:
-        certificates += [ca for ca in chain if ca not in certificates]
-        public = cert.public_key()
-        jwk: dict[str, Any]
-        if isinstance(public, ec.EllipticCurvePublicKey):
-            jwk = dict(ECKey.import_key(public).as_dict())
-            alg = "ES384" if public.curve.key_size == 384 else "ES256"
-        elif isinstance(public, rsa.RSAPublicKey):
-            jwk, alg = dict(RSAKey.import_key(public).as_dict()), "RS256"
-        elif isinstance(public, ed25519.Ed25519PublicKey):
-            jwk, alg = dict(OKPKey.import_key(public).as_dict()), "EdDSA"
-        else:
-            raise TypeError(f"unsupported issuer key type {type(public).__name__}")
-        jwk.update(
-            kid=x5t_s256(cert),
-            use="sig",
-            alg=alg,
-            x5c=[base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode("ascii") for c in [cert, *chain]],
-        )
-        jwk["x5t#S256"] = x5t_s256(cert)
-        keys.append(jwk)
+    """The PEM list (for path building) and the JWKS (server/issuers.py builds both)."""
     return pb.GetIssuerCertificatesResponse(
-        certificates=[to_pem(c) for c in certificates], jwks=json.dumps({"keys": keys}, sort_keys=True)
+        certificates=published_pems(chains), jwks=json.dumps(issuer_jwks(chains), sort_keys=True)
     )

@@ -1,4 +1,4 @@
-"""PostgreSQL backend for the identity, OTP, binding, replay and issuer stores (for replicated servers)."""
+"""PostgreSQL backend of every store port (`server.stores.Store`), for replicated servers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SQLite backend for the identity, OTP, binding and issuer stores (the embedded default)."""
+"""SQLite backend of every store port (`server.stores.Store`): the embedded default."""
 
 from __future__ import annotations
 
