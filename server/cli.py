@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
-from server.config import Settings, load_settings
+from server.config import Settings, config_path, explain, load_settings
 from server.logs import configure_logging
+from server.stores import sqlite_path
 
 if TYPE_CHECKING:
     from server.audit import AuditEvent, AuditRow
@@ -39,10 +42,12 @@ partners_app = typer.Typer(help="Binding partners and their API keys.", no_args_
 app.add_typer(partners_app, name="partners")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML config file (or $KEYBINDER_CONFIG).")]
-DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="State directory [default: .keybinder].")]
+DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="State directory.", show_default=".keybinder")]
 DbOpt = Annotated[
     str | None,
-    typer.Option("--database-url", help="sqlite:///path or postgresql://... [default: <data-dir>/keybinder.db]."),
+    typer.Option(
+        "--database-url", help="sqlite:///path or postgresql://user@host/db.", show_default="<data-dir>/keybinder.db"
+    ),
 ]
 HsmOpt = Annotated[
     str | None,
@@ -50,14 +55,33 @@ HsmOpt = Annotated[
 ]
 
 
-def _settings(config: Path | None, data_dir: Path | None, db: str | None, hsm: str | None, **extra: Any) -> Settings:
+def _settings(
+    config: Path | None, data_dir: Path | None, db: str | None, hsm: str | None, *, state: bool = True, **extra: Any
+) -> Settings:
+    """The settings, or one line naming what is wrong (exit 2); with ``state``, also the state `init` makes."""
+    flags = {"data_dir": data_dir, "database_url": db, "hsm_uri": hsm, **extra}
     try:
-        settings = load_settings(config, data_dir=data_dir, database_url=db, hsm_uri=hsm, **extra)
+        settings = load_settings(config, **flags)
+    except ValidationError as err:
+        given = {name for name, value in flags.items() if value is not None}
+        typer.echo(f"configuration error: {explain(err, config_path(config), given)}", err=True)
+        raise typer.Exit(2) from err
     except (ValueError, FileNotFoundError) as err:
         typer.echo(f"configuration error: {err}", err=True)
         raise typer.Exit(2) from err
     configure_logging(settings.log_level, settings.log_format)
+    if state:
+        _require_state(settings)
     return settings
+
+
+def _require_state(settings: Settings) -> None:
+    """Refuse, in one line, to work on a data directory or SQLite database that `keybinder init` never made
+    (a mistyped --data-dir would otherwise surface as a traceback, or as a new empty database)."""
+    path = sqlite_path(settings.database)
+    if path is not None and not path.is_file():
+        where = f"in {settings.data_dir}" if path.parent == settings.data_dir else f"at {path}"
+        raise _fail(RuntimeError(f"no KeyBinder state {where} — run `keybinder init`"))
 
 
 def _fail(err: Exception) -> typer.Exit:
@@ -90,7 +114,7 @@ def init(
     from hsm import HsmError
     from server.app import initialise
 
-    settings = _settings(config, data_dir, database_url, hsm_uri)
+    settings = _settings(config, data_dir, database_url, hsm_uri, state=False)
     from server.audit import admin_event
     from server.stores import open_store
 
@@ -125,13 +149,13 @@ def serve(
     data_dir: DataDirOpt = None,
     database_url: DbOpt = None,
     hsm_uri: HsmOpt = None,
-    listen: Annotated[str | None, typer.Option("--listen", help="host:port [default: 127.0.0.1:50051].")] = None,
+    listen: Annotated[str | None, typer.Option("--listen", help="host:port.", show_default="127.0.0.1:50051")] = None,
     port: Annotated[int | None, typer.Option("--port", help="Port on the default host; 0 picks a free one.")] = None,
     workers: Annotated[
-        int | None, typer.Option("--workers", help="Serving processes sharing the port [default: one per CPU].")
+        int | None, typer.Option("--workers", help="Serving processes sharing the port.", show_default="one per CPU")
     ] = None,
     metrics_port: Annotated[
-        int | None, typer.Option("--metrics-port", help="Serve Prometheus /metrics on this port [default: off].")
+        int | None, typer.Option("--metrics-port", help="Serve Prometheus /metrics on this port.", show_default="off")
     ] = None,
     tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="PEM certificate chain (TLS).")] = None,
     tls_key: Annotated[Path | None, typer.Option("--tls-key", help="PEM private key of --tls-cert.")] = None,
@@ -226,6 +250,11 @@ def keys_list(config: ConfigOpt = None, data_dir: DataDirOpt = None, database_ur
 
     rows = [("LABEL", "STATE", "KIND", "NOT BEFORE", "NOT AFTER")]
     rows += [(s.key_label, str(s.state), s.key_kind, when(s.not_before), when(s.not_after)) for s in statuses]
+    _table(rows)
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell, two spaces apart; the first row is the header."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -247,7 +276,7 @@ def keys_rotate(
     ] = None,
     not_before: Annotated[
         str | None,
-        typer.Option("--not-before", help="Self-signed only: start signing at this ISO 8601 time [default: now]."),
+        typer.Option("--not-before", help="Self-signed only: start signing at this ISO 8601 time.", show_default="now"),
     ] = None,
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
@@ -278,7 +307,7 @@ def keys_import_cert(
         Path | None, typer.Option("--chain", help="PEM of the CA certificates above it, intermediates first.")
     ] = None,
     label: Annotated[
-        str | None, typer.Option("--label", help="The pending key [default: the one whose key matches].")
+        str | None, typer.Option("--label", help="The pending key.", show_default="the one whose key matches")
     ] = None,
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
@@ -453,7 +482,7 @@ def audit_verify(config: ConfigOpt = None, data_dir: DataDirOpt = None, database
 
 @audit_app.command("export")
 def audit_export(
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="File to write [default: stdout].")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="File to write.", show_default="stdout")] = None,
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
     database_url: DbOpt = None,
@@ -558,10 +587,11 @@ def partners_list(config: ConfigOpt = None, data_dir: DataDirOpt = None, databas
     settings = _settings(config, data_dir, database_url, None)
     with _partner_store(settings) as store:
         partners = store.list_partners()
+    rows = [("PARTNER", "STATE", "CLIENT CERT SHA-256", "UPDATED")]
     for p in partners:
         state = "enabled" if p.enabled else "disabled"
-        cert = f"cert-sha256={p.client_cert_sha256}" if p.client_cert_sha256 else "-"
-        typer.echo(f"{p.partner_id}\t{state}\t{cert}\t{p.updated_at.isoformat(timespec='seconds')}")
+        rows.append((p.partner_id, state, p.client_cert_sha256 or "-", f"{p.updated_at:%Y-%m-%dT%H:%M:%SZ}"))
+    _table(rows)
 
 
 def _set_enabled(partner_id: str, enabled: bool, settings: Settings) -> None:
@@ -635,15 +665,26 @@ def partners_set_cert(
     typer.echo(f"{partner_id} certificate {'sha256=' + fingerprint if fingerprint else 'removed'}")
 
 
+class Channel(enum.StrEnum):
+    EMAIL = "email"
+    PHONE = "phone"
+
+
 @app.command()
 def demo(
-    target: Annotated[str, typer.Option(help="Server address.")] = "127.0.0.1:50051",
+    target: Annotated[
+        str | None, typer.Option(help="Server address.", show_default="the listen setting, 127.0.0.1:50051")
+    ] = None,
+    channel: Annotated[
+        list[Channel] | None,
+        typer.Option("--channel", help="Where the OTP goes; repeat for both.", show_default="email and phone"),
+    ] = None,
     individual_id: Annotated[str, typer.Option(help="A registered individual.")] = "1234567890",
     partner: Annotated[str, typer.Option(help="partner-id header.")] = "demo-wallet",
     partner_key_file: Annotated[
         Path | None,
         typer.Option(
-            "--partner-key-file", help="File holding the partner's API key [default: <data-dir>/demo-partner.key]."
+            "--partner-key-file", help="File holding the partner's API key.", show_default="<data-dir>/demo-partner.key"
         ),
     ] = None,
     key_type: Annotated[str, typer.Option(help="ec-p256, ec-p384, rsa-2048 or ed25519.")] = "ec-p256",
@@ -658,20 +699,41 @@ def demo(
     """Walk through a binding against a running server: OTP from the outbox, bind, print the certificate."""
     from server.grpc_api.demo import DemoTls, run_demo
 
-    settings = _settings(config, data_dir, None, None)
+    settings = _settings(config, data_dir, None, None, state=False)
     key_path = partner_key_file or settings.demo_partner_key_file
     try:
         api_key = key_path.read_text().strip()
     except OSError as err:
-        raise _fail(RuntimeError(f"cannot read the partner API key from {key_path}: {err.strerror}")) from err
+        hint = " — run `keybinder init --demo-partner`" if partner_key_file is None else ""
+        raise _fail(RuntimeError(f"cannot read the partner API key from {key_path}: {err.strerror}{hint}")) from err
     if (client_cert is None) != (client_key is None):
         raise _fail(RuntimeError("--client-cert and --client-key go together"))
     tls = DemoTls(ca_cert, client_cert, client_key) if ca_cert is not None else None
-    sys.exit(run_demo(target, individual_id, partner, key_type, settings.outbox, api_key=api_key, tls=tls))
+    host, port = settings.host_port
+    # A server listening on every address is reached on loopback.
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # noqa: S104 - compared, not bound
+    address = target or (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    channels = tuple(str(c) for c in dict.fromkeys(channel or (Channel.EMAIL, Channel.PHONE)))
+    sys.exit(
+        run_demo(
+            address, individual_id, partner, key_type, settings.outbox, api_key=api_key, tls=tls, channels=channels
+        )
+    )
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except Exception as err:
+        # An unreachable database or HSM, or a token that is not there, is the operator's to fix: one line.
+        # Anything else is a bug and keeps its traceback.
+        from hsm import HsmError
+        from server.ports import BackendUnavailable
+
+        if not isinstance(err, HsmError | BackendUnavailable):
+            raise
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import os
 import re
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -183,6 +186,19 @@ class Settings(BaseSettings):
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().absolute()
 
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        _, colon, port = value.rpartition(":")
+        if not colon or not port.isdigit() or int(port) > 65535:
+            raise ValueError("must be host:port, e.g. 127.0.0.1:50051 (port 0 picks a free one)")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        return check_url(value) if value else value
+
     @field_validator("individual_id_pattern")
     @classmethod
     def _regex(cls, value: str) -> str:
@@ -315,9 +331,14 @@ def redact_url(url: str) -> str:
     return f"{scheme}{sep}{creds.split(':', 1)[0]}:***@{host}"
 
 
+def config_path(config_file: Path | None = None) -> Path | None:
+    """The TOML file settings are read from: the one given, else $KEYBINDER_CONFIG, else none."""
+    return config_file or (Path(os.environ["KEYBINDER_CONFIG"]) if os.environ.get("KEYBINDER_CONFIG") else None)
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Build settings from an optional TOML file (or $KEYBINDER_CONFIG), env and overrides."""
-    path = config_file or (Path(os.environ["KEYBINDER_CONFIG"]) if os.environ.get("KEYBINDER_CONFIG") else None)
+    path = config_path(config_file)
     if path is not None and not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     values = {k: v for k, v in overrides.items() if v is not None}
@@ -325,4 +346,43 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     class _FileSettings(Settings):
         model_config = SettingsConfigDict(toml_file=path)
 
-    return _FileSettings(**values) if path is not None else Settings(**values)
+    try:
+        return _FileSettings(**values) if path is not None else Settings(**values)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+
+
+class ConfigError(ValueError):
+    """A setting that is unknown or has a bad value; the message names where it came from, in one line."""
+
+
+def explain(err: ValidationError, path: Path | None, flags: set[str]) -> str:
+    """One line per problem, joined: where the value came from (file, variable or flag), the key, what is wrong.
+
+    pydantic's own text spans several lines and names neither the file nor the variable; the values
+    themselves are left out (hide_input_in_errors), as a misplaced secret must not be echoed."""
+    in_file: set[str] = set()
+    if path is not None:
+        with contextlib.suppress(OSError, tomllib.TOMLDecodeError):
+            in_file = set(tomllib.loads(path.read_text()))
+    environment = {name.upper() for name in os.environ}
+    problems = []
+    for problem in err.errors():
+        loc = [str(part) for part in problem["loc"]]
+        key = ".".join(loc)
+        top = loc[0] if loc else ""
+        if top in flags:
+            source = "command line: "
+        elif f"KEYBINDER_{top.upper()}" in environment:
+            source = f"KEYBINDER_{top.upper()}: "
+        elif top in in_file:
+            source = f"{path}: "
+        else:
+            source = ""
+        if problem["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(top, Settings.model_fields, n=1)
+            what = "unknown setting" + (f" (did you mean {close[0]}?)" if close else "")
+        else:
+            what = problem["msg"].removeprefix("Value error, ")
+        problems.append(f"{source}{key}: {what}" if key else f"{source}{what}")
+    return "; ".join(problems)

@@ -446,11 +446,15 @@ def test_partners_cli(data_dir: Path) -> None:
     assert "partner id" in bad.stderr
     listing = kb_cli("partners", "list", data_dir=data_dir)
     assert listing.returncode == 0
-    rows = {line.split("\t")[0]: line.split("\t")[1] for line in listing.stdout.splitlines()}
+    header, *lines = listing.stdout.splitlines()
+    assert header.split() == ["PARTNER", "STATE", "CLIENT", "CERT", "SHA-256", "UPDATED"]
+    rows = {line.split()[0]: line.split()[1] for line in lines}
     assert rows == {"cli-wallet": "enabled", DEMO_PARTNER: "enabled"}
     assert key not in listing.stdout
     assert kb_cli("partners", "disable", "cli-wallet", data_dir=data_dir).returncode == 0
-    assert "cli-wallet\tdisabled" in kb_cli("partners", "list", data_dir=data_dir).stdout
+    assert ["cli-wallet", "disabled"] in [
+        line.split()[:2] for line in kb_cli("partners", "list", data_dir=data_dir).stdout.splitlines()
+    ]
     assert kb_cli("partners", "enable", "cli-wallet", data_dir=data_dir).returncode == 0
     rotated = issued_key(kb_cli("partners", "rotate-key", "cli-wallet", data_dir=data_dir))
     assert rotated != key
@@ -670,5 +674,5 @@ def test_no_command_line_option_takes_a_secret() -> None:
 def test_partners_cli_without_a_database_fails_cleanly(tmp_path: Path) -> None:
     result = kb_cli("partners", "list", data_dir=tmp_path / "never-initialised")
     assert result.returncode == 1
-    assert "has `keybinder init` been run?" in result.stderr
+    assert "run `keybinder init`" in result.stderr
     assert "Traceback" not in result.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
@@ -69,6 +71,29 @@ class DemoTls:
         return grpc.secure_channel(target, credentials)
 
 
+#: Long enough for a loaded machine; a server that does not answer in this time is reported, not waited for.
+CALL_TIMEOUT_SECONDS = 15.0
+
+
+def describe_error(err: grpc.RpcError, target: str) -> str:
+    """One line for an RPC error: ``reason: message (retry in N s)``, or what to do when no server answers."""
+    status = rpc_status.from_call(err)
+    reason, retry = "", ""
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            delay = error_details_pb2.RetryInfo()
+            detail.Unpack(delay)
+            retry = f" (retry in {max(delay.retry_delay.seconds, 1)} s)"
+    code = err.code()
+    if not reason and code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return f"no KeyBinder server answers at {target}: start one with `make run` (or `keybinder serve`)"
+    return f"{reason or code.name.lower()}: {err.details()}{retry}"
+
+
 def run_demo(
     target: str,
     individual_id: str,
@@ -78,21 +103,27 @@ def run_demo(
     *,
     api_key: str,
     tls: DemoTls | None = None,
+    channels: tuple[str, ...] = ("email", "phone"),
 ) -> int:
+    """Walk through a binding; prints each step, or one line saying what failed. The exit status."""
     # The API key travels as metadata, read from a file by the caller: never a command-line argument.
     metadata = (("partner-id", partner), ("partner-api-key", api_key))
     with tls.channel(target) if tls is not None else grpc.insecure_channel(target) as channel:
         stub = pb_grpc.KeyBinderServiceStub(channel)
         try:
             formats = stub.GetSupportedChallengeFormats(
-                pb.GetSupportedChallengeFormatsRequest(auth_factor_type="OTP"), metadata=metadata
+                pb.GetSupportedChallengeFormatsRequest(auth_factor_type="OTP"),
+                metadata=metadata,
+                timeout=CALL_TIMEOUT_SECONDS,
             )
             print(f"1. OTP challenge formats: {list(formats.formats)}")
             sent = stub.SendBindingOtp(
-                pb.SendBindingOtpRequest(individual_id=individual_id, otp_channels=["email", "phone"]),
+                pb.SendBindingOtpRequest(individual_id=individual_id, otp_channels=list(channels)),
                 metadata=metadata,
+                timeout=CALL_TIMEOUT_SECONDS,
             )
-            print(f"2. OTP sent to {sent.masked_email} and {sent.masked_mobile} (transaction {sent.transaction_id})")
+            to = " and ".join(m for m in (sent.masked_email, sent.masked_mobile) if m)
+            print(f"2. OTP sent to {to} (transaction {sent.transaction_id})")
             otp = read_otp(outbox, sent.transaction_id)
             print(f"3. read the OTP from {outbox}")
             _, jwk = new_wallet_key(key_type)
@@ -104,10 +135,13 @@ def run_demo(
                     bind_auth_factor_type="WLA",
                 ),
                 metadata=metadata,
+                timeout=CALL_TIMEOUT_SECONDS,
             )
         except grpc.RpcError as err:
-            status = rpc_status.from_call(err)
-            print(f"failed: {err.code()} {err.details()} {status.details if status else ''}")
+            print(describe_error(err, target), file=sys.stderr)
+            return 1
+        except LookupError as err:
+            print(f"{err}: does the server write to this outbox (same --data-dir)?", file=sys.stderr)
             return 1
     cert = x509.load_pem_x509_certificate(bound.certificate.encode())
     print(f"4. bound a new {key_type} wallet key:")
