@@ -3,8 +3,9 @@
 Run from the repository with the project installed (`make deps`), against `make run`:
     .venv/bin/python examples/python_client.py
 Environment: KEYBINDER_TARGET (127.0.0.1:50051), KEYBINDER_PARTNER_ID (demo-wallet),
-KEYBINDER_PARTNER_API_KEY_FILE (optional), KEYBINDER_INDIVIDUAL_ID (1234567890),
-KEYBINDER_OUTBOX (.keybinder/outbox.jsonl), KEYBINDER_AUDIENCE (keybinder).
+KEYBINDER_DATA_DIR (.keybinder), KEYBINDER_PARTNER_API_KEY_FILE (<data dir>/demo-partner.key, where
+`make setup` writes the demo partner's key), KEYBINDER_INDIVIDUAL_ID (1234567890),
+KEYBINDER_OUTBOX (<data dir>/outbox.jsonl), KEYBINDER_AUDIENCE (keybinder).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ec
+from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from joserfc import jws
 from joserfc.jwk import ECKey
@@ -37,21 +39,38 @@ def read_otp(outbox: Path, transaction_id: str) -> str:
     raise LookupError(f"no OTP for transaction {transaction_id} in {outbox}")
 
 
+def reason(err: grpc.RpcError) -> str:
+    """The eSignet reason code: google.rpc.ErrorInfo.reason in the grpc-status-details-bin trailer."""
+    status = rpc_status.from_call(err)
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return str(info.reason)
+    return ""
+
+
 def main() -> int:
     env = os.environ
     individual_id = env.get("KEYBINDER_INDIVIDUAL_ID", "1234567890")
     audience = env.get("KEYBINDER_AUDIENCE", "keybinder")
-    metadata = [("partner-id", env.get("KEYBINDER_PARTNER_ID", "demo-wallet"))]
-    if env.get("KEYBINDER_PARTNER_API_KEY_FILE"):
-        metadata.append(("partner-api-key", Path(env["KEYBINDER_PARTNER_API_KEY_FILE"]).read_text().strip()))
+    data_dir = Path(env.get("KEYBINDER_DATA_DIR", ".keybinder"))
+    # A secret: read from a file, never taken from argv, never printed.
+    key_file = Path(env.get("KEYBINDER_PARTNER_API_KEY_FILE") or data_dir / "demo-partner.key")
+    try:
+        api_key = key_file.read_text().strip()
+    except OSError as err:
+        print(f"cannot read the partner API key from {key_file}: {err.strerror}", file=sys.stderr)
+        return 1
+    metadata = [("partner-id", env.get("KEYBINDER_PARTNER_ID", "demo-wallet")), ("partner-api-key", api_key)]
 
-    with grpc.insecure_channel(env.get("KEYBINDER_TARGET", "127.0.0.1:50051")) as channel:
+    target = env.get("KEYBINDER_TARGET", "127.0.0.1:50051")
+    with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.KeyBinderServiceStub(channel)
         try:
             sent = stub.SendBindingOtp(
                 pb.SendBindingOtpRequest(individual_id=individual_id, otp_channels=["email"]), metadata=metadata
             )
-            otp = read_otp(Path(env.get("KEYBINDER_OUTBOX", ".keybinder/outbox.jsonl")), sent.transaction_id)
+            otp = read_otp(Path(env.get("KEYBINDER_OUTBOX") or data_dir / "outbox.jsonl"), sent.transaction_id)
 
             wallet = ECKey.import_key(ec.generate_private_key(ec.SECP256R1()))
             bound = stub.DoKeyBinding(
@@ -74,8 +93,11 @@ def main() -> int:
                 pb.VerifyWalletTokenRequest(token=token, individual_id=individual_id), metadata=metadata
             )
         except grpc.RpcError as err:
-            status = rpc_status.from_call(err)  # details carry google.rpc.ErrorInfo with the reason code
-            print(f"failed: {err.code().name} {err.details()} {status.details if status else ''}", file=sys.stderr)
+            code, why = err.code(), reason(err)
+            hint = (
+                f" (no server at {target}? start one with `make run`)" if code.name == "UNAVAILABLE" and not why else ""
+            )
+            print(f"failed: {code.name} [{why}] {err.details()}{hint}", file=sys.stderr)
             return 1
     print(f"WLA token valid={verified.valid} jti={verified.jti}")
     print(f"x5t#S256 {bound.thumbprint}")

@@ -10,9 +10,11 @@
 // Configuration (environment):
 //   KEYBINDER_TARGET                 host:port of the server          (default 127.0.0.1:50051)
 //   KEYBINDER_PARTNER_ID             partner-id metadata              (default demo-wallet)
+//   KEYBINDER_DATA_DIR               the server's data directory      (default .keybinder)
 //   KEYBINDER_PARTNER_API_KEY_FILE   file holding the partner API key, sent as partner-api-key
+//                                    (default <data dir>/demo-partner.key, written by `make setup`)
 //   KEYBINDER_INDIVIDUAL_ID          the individual to bind           (default 1234567890)
-//   KEYBINDER_OUTBOX                 the server's outbox file         (default .keybinder/outbox.jsonl)
+//   KEYBINDER_OUTBOX                 the server's outbox file         (default <data dir>/outbox.jsonl)
 //   KEYBINDER_AUDIENCE               aud of WLA tokens and proofs     (default keybinder)
 // With --json the last line printed is a JSON summary. Exit status 0 only if every step worked.
 "use strict";
@@ -25,12 +27,13 @@ const protoLoader = require("@grpc/proto-loader");
 
 const PROTO_ROOT = path.resolve(__dirname, "..", "..", "protos");
 const env = process.env;
+const dataDir = env.KEYBINDER_DATA_DIR || ".keybinder";
 const config = {
   target: env.KEYBINDER_TARGET || "127.0.0.1:50051",
   partnerId: env.KEYBINDER_PARTNER_ID || "demo-wallet",
-  apiKeyFile: env.KEYBINDER_PARTNER_API_KEY_FILE || "",
+  apiKeyFile: env.KEYBINDER_PARTNER_API_KEY_FILE || path.join(dataDir, "demo-partner.key"),
   individualId: env.KEYBINDER_INDIVIDUAL_ID || "1234567890",
-  outbox: env.KEYBINDER_OUTBOX || ".keybinder/outbox.jsonl",
+  outbox: env.KEYBINDER_OUTBOX || path.join(dataDir, "outbox.jsonl"),
   audience: env.KEYBINDER_AUDIENCE || "keybinder",
   json: process.argv.includes("--json"),
 };
@@ -47,13 +50,23 @@ function loadService() {
   return grpc.loadPackageDefinition(definition).keybinder.v1.KeyBinderService;
 }
 
+let cachedKey;
+function apiKey() {
+  if (cachedKey === undefined) {
+    try {
+      cachedKey = fs.readFileSync(config.apiKeyFile, "utf8").trim();
+    } catch (err) {
+      throw new Error(`cannot read the partner API key from ${config.apiKeyFile}: ${err.code || err.message}`);
+    }
+  }
+  return cachedKey;
+}
+
 function partnerMetadata() {
   const md = new grpc.Metadata();
   md.set("partner-id", config.partnerId);
-  if (config.apiKeyFile) {
-    // A secret: read from a file, never from argv, never printed.
-    md.set("partner-api-key", fs.readFileSync(config.apiKeyFile, "utf8").trim());
-  }
+  // A secret: read from a file, never from argv, never printed.
+  md.set("partner-api-key", apiKey());
   return md;
 }
 
@@ -216,6 +229,7 @@ async function main() {
 main().catch((err) => {
   const reason = errorReason(err);
   const status = err.code !== undefined ? `${grpc.status[err.code]} ` : "";
-  console.error(`failed: ${status}${reason ? `[${reason}] ` : ""}${err.details || err.message}`);
+  const hint = err.code === grpc.status.UNAVAILABLE && !reason ? ` (no server at ${config.target}? start one with \`make run\`)` : "";
+  console.error(`failed: ${status}${reason ? `[${reason}] ` : ""}${err.details || err.message}${hint}`);
   process.exitCode = 1;
 });
