@@ -295,7 +295,7 @@ def issuer_chain_pem(store: Store, *, rotation_window_days: int = 60) -> str:
     return "".join(to_pem(c) for c in certs)
 
 
-# -- issuer key lifecycle (README "Issuer key rotation") ----------------------------------------
+# -- issuer key lifecycle (docs/rotation.md) -------------------------------------------------------
 
 
 class IssuerKeyError(RuntimeError):

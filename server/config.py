@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(10.0, ge=0, description="Time in-flight RPCs get on SIGTERM.")
     workers: int = Field(0, ge=0, le=256, description="Serving processes on one port; 0 means one per CPU.")
     health_probe_seconds: float = Field(5.0, gt=0, le=300, description="Interval of the HSM + database probe.")
-    # -- observability (README "Observability") ------------------------------------------
+    # -- observability (docs/observability.md) -------------------------------------------
     log_level: str = Field("INFO", description="Python logging level.")
     log_format: Literal["auto", "json", "text"] = Field(
         "auto", description="Log lines as JSON or text; auto: JSON unless stderr is a terminal."
@@ -172,7 +172,7 @@ class Settings(BaseSettings):
         for name, value in super().__repr_args__():
             yield name, (redact_url(value) if name == "database_url" and isinstance(value, str) else value)
 
-    # -- issuer key lifecycle (README "Issuer key rotation") --
+    # -- issuer key lifecycle (docs/rotation.md) --
     issuer_validity_days: int = Field(1095, ge=1, le=36500, description="Validity of a new issuer certificate.")
     issuer_rotation_window_days: int = Field(
         60, ge=0, le=3650, description="Before its notAfter, the active issuer key hands signing to a newer key."
