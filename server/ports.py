@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -21,7 +21,7 @@ class Clock(Protocol):
 class KeyedHasher(Protocol):
     """HMAC-SHA-256 under a secret key that never leaves the HSM.
 
-    ``purpose`` separates domains (ID, PSUT, OTP, PIN) so that one key never yields the same
+    ``purpose`` separates domains (ID, PSUT, OTP, PIN, KBI) so that one key never yields the same
     MAC for two meanings; the parts are length-prefixed so that no two tuples collide.
     """
 
@@ -35,11 +35,20 @@ class IssuerKeys(Protocol):
 
 
 class IdentityStore(Protocol):
-    def upsert_identity(self, identity: Identity) -> bool:
-        """Insert or replace; True when the identity is new."""
+    def upsert_identity(self, identity: Identity, *, kbi: Mapping[str, bytes] | None = None) -> bool:
+        """Insert or replace, in one transaction with the individual's KBI attributes (field id → HMAC), which
+        ``kbi`` replaces (None or empty: none enrolled); True when the identity is new."""
         ...
 
     def get_identity(self, id_hmac: bytes) -> Identity | None: ...
+
+
+class KbiStore(Protocol):
+    """An individual's enrolled KBI attributes, as HMACs keyed by field id (see server/auth/kbi.py)."""
+
+    def kbi_answers(self, id_hmac: bytes) -> Mapping[str, bytes]:
+        """Field id → stored HMAC; empty when the individual has none enrolled (or is unknown)."""
+        ...
 
 
 class OtpStore(Protocol):

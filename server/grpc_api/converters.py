@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from google.protobuf.timestamp_pb2 import Timestamp
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
+from server.auth.base import Challenge
 from server.certs import to_pem, x5t_s256
-from server.challenges import Challenge
 from server.domain import Binding, BindingStatus
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.service import KeyBindingResult, SendOtpResult, WalletTokenResult

@@ -1,0 +1,173 @@
+"""KBI: knowledge-based identification, as eSignet defines it: base64url of a JSON object of answers.
+
+The fields are configured like eSignet's ``mosip.esignet.authenticator.default.auth-factor.kbi.field-details``
+(id, type ``text`` | ``date``, a Java-style date format such as ``yyyy-MM-dd``). Answers are compared with the
+individual's enrolled attributes, which are stored only as HSM-keyed HMACs of a normalised form: Unicode NFKC,
+case-folded, whitespace collapsed; dates parsed into ISO ``yyyy-mm-dd``. Neither the answers nor the enrolled
+attributes are kept or logged in clear. Knowledge answers are guessable, so the default factor rules never let a
+KBI challenge bind alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import re
+import unicodedata
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from server.auth.base import FAILED, PASSED, Attempt, AuthContext, Verdict
+from server.ports import KbiStore, KeyedHasher
+
+NAME = "KBI"
+FORMAT = "base64url-encoded-json"
+#: MAC purpose of an enrolled KBI attribute.
+MAC_KBI = "kbi"
+#: eSignet bounds a KBI challenge to 50-500 characters by default; a few more fields fit in 2,048.
+KBI_MIN_CHARS = 4
+KBI_MAX_CHARS = 2048
+MAX_ANSWER_CHARS = 256
+MAX_FIELDS = 16
+ISO_DATE = "%Y-%m-%d"
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+={0,2}")
+_FIELD_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+#: The Java date-pattern letters eSignet's field-details use, and their strptime equivalents.
+_DATE_TOKENS = {"yyyy": "%Y", "MM": "%m", "dd": "%d"}
+_DATE_PATTERN = re.compile(r"yyyy|MM|dd|[-/. ]")
+
+
+@dataclass(frozen=True, slots=True)
+class KbiField:
+    """One configured question: its id in the answers object, its type and (for dates) its format."""
+
+    id: str
+    type: Literal["text", "date"] = "text"
+    format: str = ""
+
+    def __post_init__(self) -> None:
+        if not _FIELD_ID.fullmatch(self.id):
+            raise ValueError(f"KBI field id {self.id!r}: a letter, then up to 63 letters, digits, _ . -")
+        if self.type == "date":
+            strptime_format(self.format or "yyyy-MM-dd")
+
+    @property
+    def date_format(self) -> str:
+        return strptime_format(self.format or "yyyy-MM-dd")
+
+
+def strptime_format(java_pattern: str) -> str:
+    """``yyyy-MM-dd`` → ``%Y-%m-%d``; only day, month, four-digit year and - / . space separators."""
+    tokens = _DATE_PATTERN.findall(java_pattern)
+    if "".join(tokens) != java_pattern or sorted(t for t in tokens if t in _DATE_TOKENS) != ["MM", "dd", "yyyy"]:
+        raise ValueError(
+            f"KBI date format {java_pattern!r}: use yyyy, MM and dd once each, separated by - / . or space"
+        )
+    return "".join(_DATE_TOKENS.get(t, t) for t in tokens)
+
+
+def check_fields(fields: Sequence[KbiField]) -> None:
+    ids = [f.id for f in fields]
+    if len(ids) != len(set(ids)):
+        raise ValueError("kbi_fields: each field id may appear once")
+    if len(ids) > MAX_FIELDS:
+        raise ValueError(f"kbi_fields: at most {MAX_FIELDS} fields")
+
+
+def normalise(field: KbiField, value: str) -> str | None:
+    """The form that is hashed, or None when ``value`` is no answer for ``field`` (empty, too long, no date)."""
+    if not value or len(value) > MAX_ANSWER_CHARS or not all(c.isprintable() or c.isspace() for c in value):
+        return None
+    if field.type == "date":
+        for fmt in (field.date_format, ISO_DATE):  # the configured format, or ISO
+            try:
+                return datetime.strptime(value.strip(), fmt).date().isoformat()
+            except ValueError:
+                continue
+        return None
+    text = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", value).casefold())
+    return " ".join(text.split()) or None
+
+
+def kbi_hmac(hasher: KeyedHasher, id_hmac: bytes, field_id: str, normalised: str) -> bytes:
+    return hasher.mac(MAC_KBI, id_hmac, field_id, normalised)
+
+
+def enrolment_hmacs(
+    hasher: KeyedHasher, fields: Sequence[KbiField], id_hmac: bytes, answers: Mapping[str, str]
+) -> dict[str, bytes]:
+    """The stored form of an individual's KBI attributes; ValueError (naming the field, never the value) when an
+    attribute is unknown, missing or not an answer for its field. Every configured field is required."""
+    by_id = {f.id: f for f in fields}
+    if not by_id:
+        raise ValueError("KBI attributes given, but no kbi_fields are configured")
+    unknown = sorted(set(answers) - set(by_id))
+    if unknown:
+        raise ValueError(f"unknown KBI field(s) {unknown}; configured: {sorted(by_id)}")
+    missing = sorted(set(by_id) - set(answers))
+    if missing:
+        raise ValueError(f"KBI field(s) {missing} missing: every configured field is required")
+    stored: dict[str, bytes] = {}
+    for field_id, value in answers.items():
+        field = by_id[field_id]
+        norm = normalise(field, value) if isinstance(value, str) else None
+        if norm is None:
+            expected = f"a date ({field.format or 'yyyy-MM-dd'} or yyyy-MM-dd)" if field.type == "date" else "text"
+            raise ValueError(f"KBI field {field_id!r} must be {expected} of 1 to {MAX_ANSWER_CHARS} characters")
+        stored[field_id] = kbi_hmac(hasher, id_hmac, field_id, norm)
+    return stored
+
+
+def decode_answers(challenge: str, fields: Sequence[KbiField]) -> dict[str, str] | None:
+    """The normalised answer to every configured field, or None when the challenge is malformed."""
+    if not KBI_MIN_CHARS <= len(challenge) <= KBI_MAX_CHARS or not _BASE64URL.fullmatch(challenge):
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(challenge + "=" * (-len(challenge) % 4))
+        answers = json.loads(raw.decode("utf-8"))
+    except (binascii.Error, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None
+    if not isinstance(answers, dict) or set(answers) != {f.id for f in fields}:
+        return None
+    normalised: dict[str, str] = {}
+    for field in fields:
+        value = answers[field.id]
+        norm = normalise(field, value) if isinstance(value, str) else None
+        if norm is None:
+            return None
+        normalised[field.id] = norm
+    return normalised
+
+
+@dataclass(frozen=True, slots=True)
+class KbiFactor:
+    hasher: KeyedHasher
+    store: KbiStore
+    fields: tuple[KbiField, ...]
+    name: str = NAME
+    format: str = FORMAT
+
+    def well_formed(self, challenge: str) -> bool:
+        return bool(self.fields) and decode_answers(challenge, self.fields) is not None
+
+    def verify(self, attempt: Attempt, challenge: str) -> Verdict:
+        answers = decode_answers(challenge, self.fields)
+        if answers is None:  # well_formed ran first; kept for a caller that did not
+            return FAILED
+        enrolled = self.store.kbi_answers(attempt.id_hmac)
+        passed = attempt.identity is not None
+        # Every field is hashed and compared, whatever failed before: the time taken says nothing.
+        for field_id, norm in answers.items():
+            given = kbi_hmac(self.hasher, attempt.id_hmac, field_id, norm)
+            stored = enrolled.get(field_id)
+            passed &= hmac.compare_digest(stored if stored is not None else bytes(len(given)), given)
+            passed &= stored is not None
+        return PASSED if passed else FAILED
+
+
+def build(ctx: AuthContext) -> KbiFactor:
+    return KbiFactor(ctx.hasher, ctx.kbi_answers, ctx.kbi_fields)
