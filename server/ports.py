@@ -51,7 +51,19 @@ class KbiStore(Protocol):
         ...
 
 
-class OtpStore(Protocol):
+class OtpAttempts(Protocol):
+    """What the OTP factor needs of the OTP store (server/auth/otp.py)."""
+
+    def claim_otp_attempt(self, id_hmac: bytes, partner_id: str, now: datetime) -> OtpRecord | None:
+        """Atomically count one verification attempt against the latest usable OTP.
+
+        Returns the OTP (with the attempt counted) or None when there is none that is unused,
+        unexpired and under its attempt limit.
+        """
+        ...
+
+
+class OtpStore(OtpAttempts, Protocol):
     def replace_otp(
         self, otp: OtpRecord, *, send_limit: RateRule | None = None, audit: AuditEvent | None = None
     ) -> None:
@@ -63,16 +75,18 @@ class OtpStore(Protocol):
 
     def discard_otp(self, transaction_id: str, id_hmac: bytes) -> None: ...
 
-    def claim_otp_attempt(self, id_hmac: bytes, partner_id: str, now: datetime) -> OtpRecord | None:
-        """Atomically count one verification attempt against the latest usable OTP.
 
-        Returns the OTP (with the attempt counted) or None when there is none that is unused,
-        unexpired and under its attempt limit.
-        """
+class BindingLookup(Protocol):
+    """What the WLA factor needs of the binding store (server/auth/wla.py)."""
+
+    def active_binding(self, id_hmac: bytes, partner_id: str, factor: str) -> Binding | None: ...
+
+    def binding_of(self, id_hmac: bytes, thumbprint: str) -> Binding | None:
+        """The individual's binding with this certificate thumbprint (keyed by the individual)."""
         ...
 
 
-class BindingStore(Protocol):
+class BindingStore(BindingLookup, Protocol):
     def claim_key(self, key_fingerprint: str, id_hmac: bytes, now: datetime) -> None:
         """Record that the wallet key belongs to this individual, atomically and for good; raises
         ``KeyOwnedByOther`` when another individual claimed it first. Claiming one's own key again is a
@@ -97,14 +111,8 @@ class BindingStore(Protocol):
 
     def bindings_for(self, id_hmac: bytes, partner_id: str) -> Sequence[Binding]: ...
 
-    def active_binding(self, id_hmac: bytes, partner_id: str, factor: str) -> Binding | None: ...
-
     def binding_by_thumbprint(self, thumbprint: str) -> Binding | None:
         """Any binding with this certificate thumbprint (GetBinding: the caller knows no individual)."""
-        ...
-
-    def binding_of(self, id_hmac: bytes, thumbprint: str) -> Binding | None:
-        """The individual's binding with this certificate thumbprint (keyed by the individual)."""
         ...
 
     def latest_binding_by_psut(self, psut: str, partner_id: str, factor: str) -> Binding | None:

@@ -10,7 +10,7 @@ from server.ports import Clock, KeyedHasher
 
 if TYPE_CHECKING:
     from server.auth.kbi import KbiField
-    from server.ports import BindingStore, KbiStore, OtpStore, ReplayCache
+    from server.ports import BindingLookup, KbiStore, OtpAttempts, ReplayCache
     from server.wla import TokenRules
 
 
@@ -79,8 +79,8 @@ class AuthContext:
 
     hasher: KeyedHasher
     clock: Clock
-    otps: OtpStore
-    bindings: BindingStore
+    otps: OtpAttempts
+    bindings: BindingLookup
     replay: ReplayCache
     kbi_answers: KbiStore
     wla_rules: TokenRules

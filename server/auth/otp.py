@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 
 from server.auth.base import FAILED, Attempt, AuthContext, Verdict
-from server.ports import Clock, KeyedHasher, OtpStore
+from server.ports import Clock, KeyedHasher, OtpAttempts
 
 NAME = "OTP"
 FORMAT = "alpha-numeric"
@@ -21,7 +21,7 @@ _SHAPE = re.compile(rf"[A-Za-z0-9]{{{OTP_LENGTH}}}")
 class OtpFactor:
     hasher: KeyedHasher
     clock: Clock
-    otps: OtpStore
+    otps: OtpAttempts
     name: str = NAME
     format: str = FORMAT
 

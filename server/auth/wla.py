@@ -23,7 +23,7 @@ from server.errors import (
     Sha256ThumbprintMismatchError,
     TokenReplayedError,
 )
-from server.ports import BindingStore, Clock, ReplayCache
+from server.ports import BindingLookup, Clock, ReplayCache
 from server.wla import TokenRules, VerifiedToken, check_claims, read_header, verify_signed
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ _SHAPE = re.compile(rf"(?=.{{{WLA_MIN_CHARS},{WLA_MAX_CHARS}}}$)[A-Za-z0-9_-]+\.
 
 
 def verify_wallet_token(
-    bindings: BindingStore,
+    bindings: BindingLookup,
     replay: ReplayCache,
     clock: Clock,
     token: str,
@@ -75,7 +75,7 @@ def verify_wallet_token(
 
 @dataclass(frozen=True, slots=True)
 class WlaFactor:
-    bindings: BindingStore
+    bindings: BindingLookup
     replay: ReplayCache
     clock: Clock
     rules: TokenRules
