@@ -16,7 +16,7 @@ from pydantic_settings import (
 )
 
 from hsm import KeyKind, Pkcs11Uri
-from server.auth import DEFAULT_CHALLENGE_FACTORS, DEFAULT_CHALLENGE_RULES, check_factor_settings
+from server.auth import DEFAULT_CHALLENGE_FACTORS, DEFAULT_CHALLENGE_RULES, REGISTRY, check_factor_settings
 from server.auth.kbi import KbiField
 from server.limits import Limits, RateRule
 from server.notifiers import read_secret
@@ -69,9 +69,10 @@ class Settings(BaseSettings):
         list(DEFAULT_CHALLENGE_FACTORS),
         description="Auth factors whose challenges are accepted (docs/auth-factors.md).",
     )
-    challenge_rules: list[list[str]] = Field(
-        [sorted(rule) for rule in DEFAULT_CHALLENGE_RULES],
-        description="Factor combinations that bind: a request must include every factor of one of them.",
+    challenge_rules: list[list[str]] | None = Field(
+        None,
+        description="Factor combinations that bind: a request must include every factor of one of them."
+        " Unset: OTP, PIN or WLA, each alone (KBI only with one of them).",
     )
     kbi_fields: list[KbiFieldSetting] = Field(
         [], description="KBI questions as eSignet's kbi.field-details: [{id, type = text|date, format}]."
@@ -208,8 +209,15 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _factors_usable(self) -> Settings:
-        check_factor_settings(self.challenge_factors, self.challenge_rules, kbi_fields=self.kbi_field_list)
+        check_factor_settings(self.challenge_factors, self.factor_rules, kbi_fields=self.kbi_field_list)
         return self
+
+    @property
+    def factor_rules(self) -> tuple[frozenset[str], ...]:
+        """``challenge_rules``, or the default rules of the factors this build has."""
+        if self.challenge_rules is not None:
+            return tuple(frozenset(rule) for rule in self.challenge_rules)
+        return tuple(rule for rule in DEFAULT_CHALLENGE_RULES if rule <= REGISTRY.keys())
 
     @property
     def kbi_field_list(self) -> tuple[KbiField, ...]:
@@ -319,7 +327,7 @@ class Settings(BaseSettings):
             cert_validity_days=self.cert_validity_days,
             bind_auth_factor_types=frozenset(self.bind_auth_factor_types),
             challenge_factors=frozenset(self.challenge_factors),
-            challenge_rules=tuple(frozenset(rule) for rule in self.challenge_rules),
+            challenge_rules=self.factor_rules,
             kbi_fields=self.kbi_field_list,
             individual_id_pattern=self.individual_id_pattern,
             wla_audience=self.wla_audience,
