@@ -8,6 +8,7 @@ import base64
 import json
 import logging
 import secrets
+import subprocess
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from server.app import initialise, register_identity
 from server.config import Settings, load_settings
 from server.demo import new_wallet_key, read_otp
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
+from server.stores.sqlite import SqliteStore
 from tests.conftest import (
     POP_OFF_PARTNER,
     POP_REQUIRED_PARTNER,
@@ -33,6 +35,7 @@ from tests.conftest import (
     pin_challenge,
     running,
 )
+from tests.test_cli import kb_cli, make_data_dir
 
 KBI_FIELDS = [{"id": "dob", "type": "date", "format": "dd/MM/yyyy"}, {"id": "mothersName", "type": "text"}]
 LOCKOUT_AFTER = 3
@@ -293,3 +296,90 @@ def enrol_without_kbi(kb: RunningServer) -> KbiPerson:
         kb.app.service, kb.app.store, individual_id=p.individual_id, email=p.email, phone=None, name="K", pin=p.pin
     )
     return p
+
+
+# -- enrolment through the CLI, as an operator does it ---------------------------------------------------------
+
+KBI_TOML = """challenge_factors = ["OTP", "PIN", "WLA", "KBI"]
+kbi_fields = [{ id = "dob", type = "date", format = "dd/MM/yyyy" }, { id = "mothersName", type = "text" }]
+"""
+
+
+@pytest.fixture(scope="module")
+def cli_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = make_data_dir(tmp_path_factory.mktemp("kbi-cli") / "data")
+    (path / "kbi.toml").write_text(KBI_TOML)
+    return path
+
+
+def import_with_kbi(people: Path, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    return kb_cli("identities", "import", str(people), "--config", str(data_dir / "kbi.toml"), data_dir=data_dir)
+
+
+def kbi_rows(data_dir: Path) -> int:
+    store = SqliteStore(data_dir / "keybinder.db")
+    try:
+        return store.count_rows("kbi_answers")
+    finally:
+        store.close()
+
+
+def test_identities_import_takes_kbi_attributes_and_stores_only_hmacs(cli_data_dir: Path, tmp_path: Path) -> None:
+    before = kbi_rows(cli_data_dir)
+    people = tmp_path / "people.json"
+    answers = {"dob": "23/11/1987", "mothersName": "Itzpapalotl Quiahuitl"}
+    entry = {"individual_id": "5550101010", "email": "k@example.org", "kbi": answers}
+    people.write_text(json.dumps([entry]))
+    result = kb_cli(
+        "identities", "import", str(people), "--config", str(cli_data_dir / "kbi.toml"), data_dir=cli_data_dir
+    )
+    assert result.returncode == 0, result.stderr
+    assert kbi_rows(cli_data_dir) == before + 2
+    raw = b"".join(f.read_bytes() for f in cli_data_dir.glob("keybinder.db*"))
+    assert b"k@example.org" in raw  # the dump sees the identity's row
+    for clear in (b"Itzpapalotl", b"itzpapalotl", b"1987-11-23", b"23/11/1987"):
+        assert clear not in raw
+
+
+@pytest.mark.parametrize(
+    ("kbi", "message"),
+    [
+        ({"dob": "23/11/1987", "mothersName": "M", "petName": "Secretfluff"}, "unknown KBI field(s) ['petName']"),
+        ({"dob": "23/11/1987"}, "KBI field(s) ['mothersName'] missing"),
+        ({"dob": "Secret-Nov-1987", "mothersName": "M"}, "KBI field 'dob' must be a date"),
+        ({"dob": 1987, "mothersName": "M"}, "kbi must be an object of field id to answer"),
+    ],
+    ids=["unknown-field", "missing-field", "not-a-date", "not-a-string"],
+)
+def test_identities_import_refuses_bad_kbi_naming_the_field_never_the_value(
+    cli_data_dir: Path, tmp_path: Path, kbi: dict[str, object], message: str
+) -> None:
+    before = kbi_rows(cli_data_dir)
+    people = tmp_path / "people.json"
+    good = {"individual_id": "5550202020", "kbi": {"dob": "01/01/1990", "mothersName": "M"}}
+    people.write_text(json.dumps([good, {"individual_id": "5550303030", "kbi": kbi}]))
+    result = kb_cli(
+        "identities", "import", str(people), "--config", str(cli_data_dir / "kbi.toml"), data_dir=cli_data_dir
+    )
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Secret" not in result.stderr
+    assert kbi_rows(cli_data_dir) == before, "a file with a bad entry imports nothing"
+
+
+def test_identities_add_reads_kbi_answers_from_stdin_not_argv(cli_data_dir: Path) -> None:
+    before = kbi_rows(cli_data_dir)
+    result = kb_cli(
+        "identities", "add", "5550404040", "--with-pin", "--with-kbi", "--config", str(cli_data_dir / "kbi.toml"),
+        data_dir=cli_data_dir, stdin="864209\n05/06/1970\nCitlali  Tonatiuh\n",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "added"
+    assert "Citlali" not in result.stdout + result.stderr
+    assert kbi_rows(cli_data_dir) == before + 2
+
+
+def test_identities_add_with_kbi_needs_configured_fields(cli_data_dir: Path) -> None:
+    result = kb_cli("identities", "add", "5550505050", "--with-kbi", data_dir=cli_data_dir, stdin="x\n")
+    assert result.returncode != 0
+    assert "no kbi_fields are configured" in result.stderr
