@@ -97,10 +97,8 @@ def kbi_hmac(hasher: KeyedHasher, id_hmac: bytes, field_id: str, normalised: str
     return hasher.mac(MAC_KBI, id_hmac, field_id, normalised)
 
 
-def enrolment_hmacs(
-    hasher: KeyedHasher, fields: Sequence[KbiField], id_hmac: bytes, answers: Mapping[str, str]
-) -> dict[str, bytes]:
-    """The stored form of an individual's KBI attributes; ValueError (naming the field, never the value) when an
+def enrolment_values(fields: Sequence[KbiField], answers: Mapping[str, object]) -> dict[str, str]:
+    """The normalised form of an individual's KBI attributes; ValueError (naming the field, never the value) when an
     attribute is unknown, missing or not an answer for its field. Every configured field is required."""
     by_id = {f.id: f for f in fields}
     if not by_id:
@@ -111,15 +109,23 @@ def enrolment_hmacs(
     missing = sorted(set(by_id) - set(answers))
     if missing:
         raise ValueError(f"KBI field(s) {missing} missing: every configured field is required")
-    stored: dict[str, bytes] = {}
+    normalised: dict[str, str] = {}
     for field_id, value in answers.items():
         field = by_id[field_id]
         norm = normalise(field, value) if isinstance(value, str) else None
         if norm is None:
             expected = f"a date ({field.format or 'yyyy-MM-dd'} or yyyy-MM-dd)" if field.type == "date" else "text"
             raise ValueError(f"KBI field {field_id!r} must be {expected} of 1 to {MAX_ANSWER_CHARS} characters")
-        stored[field_id] = kbi_hmac(hasher, id_hmac, field_id, norm)
-    return stored
+        normalised[field_id] = norm
+    return normalised
+
+
+def enrolment_hmacs(
+    hasher: KeyedHasher, fields: Sequence[KbiField], id_hmac: bytes, answers: Mapping[str, object]
+) -> dict[str, bytes]:
+    """The stored form of an individual's KBI attributes (``enrolment_values``, each HSM-keyed)."""
+    values = enrolment_values(fields, answers)  # every value checked before the first is hashed
+    return {field_id: kbi_hmac(hasher, id_hmac, field_id, norm) for field_id, norm in values.items()}
 
 
 def decode_answers(challenge: str, fields: Sequence[KbiField]) -> dict[str, str] | None:
