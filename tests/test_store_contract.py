@@ -459,6 +459,21 @@ def test_commit_binding_cannot_spend_another_individuals_otp_or_nonce(store: Sto
 
 
 @contract
+def test_binding_of_is_the_individuals_binding_by_thumbprint_whatever_its_status(port_store: AnyStore) -> None:
+    store = port_store
+    id_hmac = new_id()
+    old, new = make_binding(id_hmac), make_binding(id_hmac)
+    store.commit_binding(old, consume_otp=None, now=T0)
+    store.commit_binding(new, consume_otp=None, now=T0 + timedelta(seconds=1))
+    assert store.binding_of(id_hmac, new.cert_thumbprint) == new
+    assert store.binding_of(id_hmac, old.cert_thumbprint) == as_status(
+        old, BindingStatus.SUPERSEDED, superseded_at=T0 + timedelta(seconds=1)
+    )
+    assert store.binding_of(new_id(), new.cert_thumbprint) is None  # another individual's is out of reach
+    assert store.binding_of(id_hmac, "x5t-unknown") is None
+
+
+@contract
 def test_binding_lookups_by_thumbprint_and_psut(store: Store) -> None:
     id_hmac = new_id()
     old, new = make_binding(id_hmac), make_binding(id_hmac)
