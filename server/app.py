@@ -482,7 +482,7 @@ def check_identity(
     if pin is not None and not (len(pin) == 6 and pin.isdigit()):
         raise ValueError("a PIN is exactly 6 digits")
     if kbi:
-        enrolment_values(service.policy.kbi_fields, kbi)
+        enrolment_values(service.policy.kbi_fields, kbi, id_field=service.policy.kbi_individual_id_field)
 
 
 def register_identity(

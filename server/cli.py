@@ -426,6 +426,8 @@ def identities_add(
             raise _fail(RuntimeError("--with-kbi: no kbi_fields are configured (see docs/auth-factors.md)"))
         kbi = {}
         for field in settings.kbi_fields:
+            if field.id == settings.kbi_individual_id_field:
+                continue  # the ID, not a question
             hint = f" ({field.format or 'yyyy-MM-dd'})" if field.type == "date" else ""
             kbi[field.id] = _read_secret_line(f"KBI {field.id}{hint}", strip=field.type == "date")
     kb = _with_app(settings)

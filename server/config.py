@@ -17,7 +17,7 @@ from pydantic_settings import (
 
 from hsm import KeyKind, Pkcs11Uri
 from server.auth import DEFAULT_CHALLENGE_FACTORS, DEFAULT_CHALLENGE_RULES, REGISTRY, check_factor_settings
-from server.auth.kbi import KbiField
+from server.auth.kbi import DEFAULT_INDIVIDUAL_ID_FIELD, KbiField
 from server.limits import Limits, RateRule
 from server.notifiers import read_secret
 from server.notifiers.webhook import check_webhook_url
@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     )
     kbi_fields: list[KbiFieldSetting] = Field(
         [], description="KBI questions as eSignet's kbi.field-details: [{id, type = text|date, format}]."
+    )
+    kbi_individual_id_field: str = Field(
+        DEFAULT_INDIVIDUAL_ID_FIELD,
+        min_length=1,
+        description="The KBI field that carries the individual ID (eSignet's kbi.individual-id-field), not an answer.",
     )
     individual_id_pattern: str = Field(DEFAULT_INDIVIDUAL_ID_PATTERN, description="Regex an individual ID must match.")
     outbox_path: Path | None = Field(None, description="Where the outbox notifier appends OTP messages.")
@@ -209,7 +214,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _factors_usable(self) -> Settings:
-        check_factor_settings(self.challenge_factors, self.factor_rules, kbi_fields=self.kbi_field_list)
+        check_factor_settings(
+            self.challenge_factors,
+            self.factor_rules,
+            kbi_fields=self.kbi_field_list,
+            kbi_individual_id_field=self.kbi_individual_id_field,
+        )
         return self
 
     @property
@@ -329,6 +339,7 @@ class Settings(BaseSettings):
             challenge_factors=frozenset(self.challenge_factors),
             challenge_rules=self.factor_rules,
             kbi_fields=self.kbi_field_list,
+            kbi_individual_id_field=self.kbi_individual_id_field,
             individual_id_pattern=self.individual_id_pattern,
             wla_audience=self.wla_audience,
             wla_skew_seconds=self.wla_skew_seconds,

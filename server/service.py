@@ -20,7 +20,7 @@ from cryptography import x509
 
 from server.audit import AuditEvent, Outcome, individual_event, partner_event, psut_subject
 from server.auth import DEFAULT_CHALLENGE_FACTORS, DEFAULT_CHALLENGE_RULES, Attempt, AuthContext, Challenge, Factors
-from server.auth.kbi import KbiField, enrolment_hmacs
+from server.auth.kbi import DEFAULT_INDIVIDUAL_ID_FIELD, KbiField, enrolment_hmacs
 from server.auth.otp import MAC_OTP, OTP_LENGTH
 from server.auth.pin import MAC_PIN
 from server.auth.wla import verify_wallet_token
@@ -109,6 +109,8 @@ class Policy:
     challenge_rules: tuple[frozenset[str], ...] = DEFAULT_CHALLENGE_RULES
     #: The KBI questions, as eSignet's kbi.field-details.
     kbi_fields: tuple[KbiField, ...] = ()
+    #: The field that carries the individual ID, not an answer (eSignet's kbi.individual-id-field).
+    kbi_individual_id_field: str = DEFAULT_INDIVIDUAL_ID_FIELD
     individual_id_pattern: str = DEFAULT_INDIVIDUAL_ID_PATTERN
     wla_audience: str = "keybinder"
     wla_skew_seconds: int = 30
@@ -231,7 +233,17 @@ class KeyBinderService:
         self.audit_log = audit_log
         self._id_pattern = re.compile(policy.individual_id_pattern)
         self.factors = Factors(
-            AuthContext(hasher, clock, otps, bindings, replay, kbi, policy.wla_rules, policy.kbi_fields),
+            AuthContext(
+                hasher,
+                clock,
+                otps,
+                bindings,
+                replay,
+                kbi,
+                policy.wla_rules,
+                policy.kbi_fields,
+                policy.kbi_individual_id_field,
+            ),
             policy.challenge_factors,
             policy.challenge_rules,
         )
@@ -264,7 +276,10 @@ class KeyBinderService:
     @backend_errors
     def kbi_hmacs(self, id_hmac: bytes, answers: Mapping[str, str]) -> dict[str, bytes]:
         """The stored form of an individual's KBI attributes (ValueError naming the field at fault)."""
-        return enrolment_hmacs(self.hasher, self.policy.kbi_fields, id_hmac, answers)
+        policy = self.policy
+        return enrolment_hmacs(
+            self.hasher, policy.kbi_fields, id_hmac, answers, id_field=policy.kbi_individual_id_field
+        )
 
     # -- audit trail ----------------------------------------------------------------------
     # Policy: a success is never answered without its entry, which is written in the transaction of the

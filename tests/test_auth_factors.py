@@ -187,6 +187,16 @@ def test_kbi_end_to_end(kbi_kb: RunningServer) -> None:
     kbi_scenario(kbi_kb)
 
 
+def test_kbi_challenge_carrying_the_individual_id_as_esignet_forms_do(kbi_kb: RunningServer) -> None:
+    p = enrol(kbi_kb)
+    y, m, d = p.dob.split("-")
+    answers = {"dob": f"{d}/{m}/{y}", "mothersName": p.mothers_name}
+    assert bind(kbi_kb, p, kbi_challenge({**answers, "individualId": p.individual_id}), pin_challenge(p.pin)).thumbprint
+    other = kbi_challenge({**answers, "individualId": enrol(kbi_kb).individual_id})
+    err = failure(lambda: bind(kbi_kb, p, other, pin_challenge(p.pin)))
+    assert (err.code, err.reason) == (grpc.StatusCode.UNAUTHENTICATED, "auth_failed")
+
+
 NOT_A_DATE = kbi_challenge({"dob": "1 April 1990", "mothersName": "x"})
 
 

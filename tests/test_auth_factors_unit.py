@@ -306,3 +306,23 @@ def test_factor_settings_are_checked() -> None:
     for factors, rules, fields, message in cases:
         with pytest.raises(ValueError, match=message):
             check_factor_settings(factors, rules, kbi_fields=fields)
+
+
+def test_kbi_challenge_may_carry_the_individual_id_as_esignet_forms_do(world: World) -> None:
+    """eSignet lists the individual-ID field among the KBI field details; its value must be the request's ID."""
+    with_id = (KbiField("individualId"), *FIELDS)  # field details pasted from eSignet
+    kbi = KbiFactor(world.hasher, world.store, with_id, "individualId")
+    answers = {"dob": "01/04/1990", "fullName": "Zoë Müller"}
+    assert kbi.verify(world.attempt(), kbi_challenge(answers)).passed  # the ID is optional in the challenge
+    assert kbi.verify(world.attempt(), kbi_challenge({**answers, "individualId": world.individual_id})).passed
+    assert not kbi.verify(world.attempt(), kbi_challenge({**answers, "individualId": "someone-else"})).passed
+    assert not kbi.well_formed(kbi_challenge({**answers, "individualId": 7}))
+    # The ID field is no question: enrolment neither needs nor takes it.
+    assert set(enrolment_hmacs(world.hasher, with_id, b"id", {"dob": "1990-04-01", "fullName": "z"})) == {
+        "dob",
+        "fullName",
+    }
+    with pytest.raises(ValueError, match=r"unknown KBI field\(s\) \['individualId'\]"):
+        enrolment_hmacs(world.hasher, with_id, b"id", {"dob": "1990-04-01", "fullName": "z", "individualId": "1"})
+    with pytest.raises(ValueError, match="configure at least one question"):
+        check_factor_settings(["OTP"], [["OTP"]], kbi_fields=(KbiField("individualId"),))

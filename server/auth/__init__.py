@@ -50,7 +50,11 @@ DEFAULT_CHALLENGE_RULES: tuple[frozenset[str], ...] = (frozenset({"OTP"}), froze
 
 
 def check_factor_settings(
-    factors: Collection[str], rules: Collection[Collection[str]], *, kbi_fields: Sequence[kbi.KbiField] = ()
+    factors: Collection[str],
+    rules: Collection[Collection[str]],
+    *,
+    kbi_fields: Sequence[kbi.KbiField] = (),
+    kbi_individual_id_field: str = kbi.DEFAULT_INDIVIDUAL_ID_FIELD,
 ) -> None:
     """ValueError, saying what to change, when the settings name a factor this build lacks, or no rule can be met."""
     unknown = sorted(set(factors) - set(REGISTRY))
@@ -73,9 +77,9 @@ def check_factor_settings(
         raise ValueError(
             f"challenge_rules: no combination can be met with challenge_factors {sorted(factors)}; nothing could bind"
         )
-    if kbi.NAME in factors and not kbi_fields:
+    if kbi.NAME in factors and not kbi.answer_fields(kbi_fields, kbi_individual_id_field):
         raise ValueError("challenge_factors includes KBI: configure kbi_fields (the questions it asks)")
-    kbi.check_fields(kbi_fields)
+    kbi.check_fields(kbi_fields, kbi_individual_id_field)
 
 
 class Factors(Mapping[str, AuthFactor]):

@@ -85,3 +85,4 @@ class AuthContext:
     kbi_answers: KbiStore
     wla_rules: TokenRules
     kbi_fields: tuple[KbiField, ...] = ()
+    kbi_individual_id_field: str = "individualId"

@@ -34,6 +34,8 @@ KBI_MAX_CHARS = 2048
 MAX_ANSWER_CHARS = 256
 MAX_FIELDS = 16
 ISO_DATE = "%Y-%m-%d"
+#: eSignet's ``kbi.individual-id-field``: a field-details entry (and challenge key) that is the ID, not an answer.
+DEFAULT_INDIVIDUAL_ID_FIELD = "individualId"
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]+={0,2}")
 _FIELD_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
 #: The Java date-pattern letters eSignet's field-details use, and their strptime equivalents.
@@ -70,7 +72,9 @@ def strptime_format(java_pattern: str) -> str:
     return "".join(_DATE_TOKENS.get(t, t) for t in tokens)
 
 
-def check_fields(fields: Sequence[KbiField]) -> None:
+def check_fields(fields: Sequence[KbiField], id_field: str = DEFAULT_INDIVIDUAL_ID_FIELD) -> None:
+    if fields and not answer_fields(fields, id_field):
+        raise ValueError(f"kbi_fields: only the individual-ID field {id_field!r}; configure at least one question")
     ids = [f.id for f in fields]
     if len(ids) != len(set(ids)):
         raise ValueError("kbi_fields: each field id may appear once")
@@ -97,10 +101,17 @@ def kbi_hmac(hasher: KeyedHasher, id_hmac: bytes, field_id: str, normalised: str
     return hasher.mac(MAC_KBI, id_hmac, field_id, normalised)
 
 
-def enrolment_values(fields: Sequence[KbiField], answers: Mapping[str, object]) -> dict[str, str]:
+def answer_fields(fields: Sequence[KbiField], id_field: str) -> tuple[KbiField, ...]:
+    """The fields that are questions: all but the individual-ID field (eSignet lists it among the field details)."""
+    return tuple(f for f in fields if f.id != id_field)
+
+
+def enrolment_values(
+    fields: Sequence[KbiField], answers: Mapping[str, object], *, id_field: str = DEFAULT_INDIVIDUAL_ID_FIELD
+) -> dict[str, str]:
     """The normalised form of an individual's KBI attributes; ValueError (naming the field, never the value) when an
-    attribute is unknown, missing or not an answer for its field. Every configured field is required."""
-    by_id = {f.id: f for f in fields}
+    attribute is unknown, missing or not an answer for its field. Every configured question is required."""
+    by_id = {f.id: f for f in answer_fields(fields, id_field)}
     if not by_id:
         raise ValueError("KBI attributes given, but no kbi_fields are configured")
     unknown = sorted(set(answers) - set(by_id))
@@ -121,32 +132,55 @@ def enrolment_values(fields: Sequence[KbiField], answers: Mapping[str, object]) 
 
 
 def enrolment_hmacs(
-    hasher: KeyedHasher, fields: Sequence[KbiField], id_hmac: bytes, answers: Mapping[str, object]
+    hasher: KeyedHasher,
+    fields: Sequence[KbiField],
+    id_hmac: bytes,
+    answers: Mapping[str, object],
+    *,
+    id_field: str = DEFAULT_INDIVIDUAL_ID_FIELD,
 ) -> dict[str, bytes]:
     """The stored form of an individual's KBI attributes (``enrolment_values``, each HSM-keyed)."""
-    values = enrolment_values(fields, answers)  # every value checked before the first is hashed
+    values = enrolment_values(fields, answers, id_field=id_field)  # every value checked before the first is hashed
     return {field_id: kbi_hmac(hasher, id_hmac, field_id, norm) for field_id, norm in values.items()}
 
 
-def decode_answers(challenge: str, fields: Sequence[KbiField]) -> dict[str, str] | None:
-    """The normalised answer to every configured field, or None when the challenge is malformed."""
+@dataclass(frozen=True, slots=True)
+class KbiAnswers:
+    """A decoded challenge: the normalised answer to every question, and the individual ID if it carried one."""
+
+    answers: dict[str, str]
+    individual_id: str | None
+
+    def __repr__(self) -> str:  # answers are secrets
+        return f"KbiAnswers(<{len(self.answers)} answers>)"
+
+
+def decode_answers(
+    challenge: str, fields: Sequence[KbiField], *, id_field: str = DEFAULT_INDIVIDUAL_ID_FIELD
+) -> KbiAnswers | None:
+    """The challenge's answers, or None when it is malformed: not base64url of a JSON object, a question
+    unanswered or answered with no valid value, or a key that is neither a question nor ``id_field``."""
     if not KBI_MIN_CHARS <= len(challenge) <= KBI_MAX_CHARS or not _BASE64URL.fullmatch(challenge):
         return None
     try:
         raw = base64.urlsafe_b64decode(challenge + "=" * (-len(challenge) % 4))
-        answers = json.loads(raw.decode("utf-8"))
+        decoded = json.loads(raw.decode("utf-8"))
     except (binascii.Error, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         return None
-    if not isinstance(answers, dict) or set(answers) != {f.id for f in fields}:
+    questions = answer_fields(fields, id_field)
+    if not isinstance(decoded, dict) or set(decoded) - {id_field} != {f.id for f in questions}:
+        return None
+    given_id = decoded.get(id_field)
+    if given_id is not None and not isinstance(given_id, str):
         return None
     normalised: dict[str, str] = {}
-    for field in fields:
-        value = answers[field.id]
+    for field in questions:
+        value = decoded[field.id]
         norm = normalise(field, value) if isinstance(value, str) else None
         if norm is None:
             return None
         normalised[field.id] = norm
-    return normalised
+    return KbiAnswers(normalised, given_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,20 +188,26 @@ class KbiFactor:
     hasher: KeyedHasher
     store: KbiStore
     fields: tuple[KbiField, ...]
+    id_field: str = DEFAULT_INDIVIDUAL_ID_FIELD
     name: str = NAME
     format: str = FORMAT
 
     def well_formed(self, challenge: str) -> bool:
-        return bool(self.fields) and decode_answers(challenge, self.fields) is not None
+        return bool(answer_fields(self.fields, self.id_field)) and self._decode(challenge) is not None
+
+    def _decode(self, challenge: str) -> KbiAnswers | None:
+        return decode_answers(challenge, self.fields, id_field=self.id_field)
 
     def verify(self, attempt: Attempt, challenge: str) -> Verdict:
-        answers = decode_answers(challenge, self.fields)
-        if answers is None:  # well_formed ran first; kept for a caller that did not
+        decoded = self._decode(challenge)
+        if decoded is None:  # well_formed ran first; kept for a caller that did not
             return FAILED
         enrolled = self.store.kbi_answers(attempt.id_hmac)
         passed = attempt.identity is not None
+        if decoded.individual_id is not None:  # eSignet's form may carry the ID: it must be the request's
+            passed &= hmac.compare_digest(decoded.individual_id.encode(), attempt.individual_id.encode())
         # Every field is hashed and compared, whatever failed before: the time taken says nothing.
-        for field_id, norm in answers.items():
+        for field_id, norm in decoded.answers.items():
             given = kbi_hmac(self.hasher, attempt.id_hmac, field_id, norm)
             stored = enrolled.get(field_id)
             passed &= hmac.compare_digest(stored if stored is not None else bytes(len(given)), given)
@@ -176,4 +216,4 @@ class KbiFactor:
 
 
 def build(ctx: AuthContext) -> KbiFactor:
-    return KbiFactor(ctx.hasher, ctx.kbi_answers, ctx.kbi_fields)
+    return KbiFactor(ctx.hasher, ctx.kbi_answers, ctx.kbi_fields, ctx.kbi_individual_id_field)
