@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding
 
 from hsm import KeyKind, Pkcs11KeyManager, init_token, token_exists
 from server.audit import admin_event
+from server.auth.kbi import enrolment_values
 from server.certs import (
     IssuerCertificateError,
     build_issuer_certificate,
@@ -136,6 +138,7 @@ def build_app(settings: Settings) -> App:
         nonces=store,
         limit_store=store,
         audit_log=store,
+        kbi=store,
     )
     partners = PartnerAuthenticator(store, cache_seconds=settings.partner_cache_seconds)
     return App(settings, keys, store, service, partners)
@@ -470,11 +473,15 @@ def issuer_key_statuses(settings: Settings) -> list[IssuerStatus]:
         store.close()
 
 
-def check_identity(service: KeyBinderService, *, individual_id: str, pin: str | None) -> None:
+def check_identity(
+    service: KeyBinderService, *, individual_id: str, pin: str | None, kbi: Mapping[str, str] | None = None
+) -> None:
     """Validate an identity before anything is written (KeyBinderError or ValueError)."""
     service.check_individual_id(individual_id)
     if pin is not None and not (len(pin) == 6 and pin.isdigit()):
         raise ValueError("a PIN is exactly 6 digits")
+    if kbi:
+        enrolment_values(service.policy.kbi_fields, kbi, id_field=service.policy.kbi_individual_id_field)
 
 
 def register_identity(
@@ -486,9 +493,12 @@ def register_identity(
     phone: str | None,
     name: str | None,
     pin: str | None,
+    kbi: Mapping[str, str] | None = None,
 ) -> bool:
-    """Add or update an individual; only HMACs of the ID and PIN are stored."""
-    check_identity(service, individual_id=individual_id, pin=pin)
+    """Add or update an individual (replacing its PIN and KBI attributes); only HMACs of the ID, the PIN and the
+    normalised KBI attributes are stored."""
+    check_identity(service, individual_id=individual_id, pin=pin, kbi=kbi)
     id_hmac = service.id_hmac(individual_id)
     pin_hmac = service.pin_hmac(id_hmac, pin) if pin is not None else None
-    return store.upsert_identity(Identity(id_hmac, email or None, phone or None, name or None, pin_hmac))
+    kbi_hmacs = service.kbi_hmacs(id_hmac, kbi) if kbi else None
+    return store.upsert_identity(Identity(id_hmac, email or None, phone or None, name or None, pin_hmac), kbi=kbi_hmacs)

@@ -352,13 +352,15 @@ def _with_app(settings: Settings) -> Any:
 
 @identities_app.command("import")
 def identities_import(
-    file: Annotated[Path, typer.Argument(help='JSON array of {"individual_id","email","phone","pin","name"}.')],
+    file: Annotated[
+        Path, typer.Argument(help='JSON array of {"individual_id","email","phone","pin","name","kbi":{field: answer}}.')
+    ],
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
     database_url: DbOpt = None,
     hsm_uri: HsmOpt = None,
 ) -> None:
-    """Import identities; the ID and PIN are stored only as HSM-keyed HMACs."""
+    """Import identities; the ID, PIN and KBI attributes are stored only as HSM-keyed HMACs."""
     from server.app import check_identity, register_identity
     from server.audit import admin_event
     from server.errors import KeyBinderError
@@ -370,21 +372,26 @@ def identities_import(
         raise _fail(RuntimeError(f"cannot read {file}: {err}")) from err
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise _fail(RuntimeError("the file must hold a JSON array of objects"))
-    allowed = {"individual_id", "email", "phone", "pin", "name"}
+    allowed = {"individual_id", "email", "phone", "pin", "name", "kbi"}
     for index, entry in enumerate(entries):
         unknown = set(entry) - allowed
         if unknown or not isinstance(entry.get("individual_id"), str):
             raise _fail(RuntimeError(f"entry {index}: needs a string individual_id; unknown keys {sorted(unknown)}"))
-        for key in allowed - {"individual_id"}:
+        for key in allowed - {"individual_id", "kbi"}:
             if entry.get(key) is not None and not isinstance(entry[key], str):
                 raise _fail(RuntimeError(f"entry {index}: {key} must be a string"))
+        kbi = entry.get("kbi")
+        if kbi is not None and not (isinstance(kbi, dict) and all(isinstance(v, str) for v in kbi.values())):
+            raise _fail(RuntimeError(f"entry {index}: kbi must be an object of field id to answer (strings)"))
     kb = _with_app(settings)
     added = updated = 0
     try:
         # Every entry is checked before the first is written: a bad file imports nothing.
         for index, entry in enumerate(entries):
             try:
-                check_identity(kb.service, individual_id=entry["individual_id"], pin=entry.get("pin"))
+                check_identity(
+                    kb.service, individual_id=entry["individual_id"], pin=entry.get("pin"), kbi=entry.get("kbi")
+                )
             except (KeyBinderError, ValueError) as err:
                 raise _fail(RuntimeError(f"entry {index}: {err}")) from err
         for index, entry in enumerate(entries):
@@ -397,6 +404,7 @@ def identities_import(
                     phone=entry.get("phone"),
                     name=entry.get("name"),
                     pin=entry.get("pin"),
+                    kbi=entry.get("kbi"),
                 )
             except (KeyBinderError, ValueError) as err:
                 raise _fail(RuntimeError(f"entry {index}: {err}")) from err
@@ -419,12 +427,20 @@ def identities_add(
     with_pin: Annotated[
         bool, typer.Option("--with-pin", help="Read a 6-digit PIN from the terminal or stdin.")
     ] = False,
+    with_kbi: Annotated[
+        bool,
+        typer.Option(
+            "--with-kbi",
+            help="Read an answer to each configured KBI field (kbi_fields) from the terminal, or one line each"
+            " from stdin (after the PIN line with --with-pin).",
+        ),
+    ] = False,
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
     database_url: DbOpt = None,
     hsm_uri: HsmOpt = None,
 ) -> None:
-    """Add or update one identity. The PIN is never taken on the command line."""
+    """Add or update one identity. The PIN and KBI answers are never taken on the command line."""
     from server.app import register_identity
     from server.audit import admin_event, id_hmac_subject
     from server.errors import KeyBinderError
@@ -432,11 +448,21 @@ def identities_add(
     settings = _settings(config, data_dir, database_url, hsm_uri)
     pin = None
     if with_pin:
-        pin = typer.prompt("PIN", hide_input=True) if sys.stdin.isatty() else sys.stdin.readline().strip()
+        pin = _read_secret_line("PIN")
+    kbi: dict[str, str] | None = None
+    if with_kbi:
+        if not settings.kbi_fields:
+            raise _fail(RuntimeError("--with-kbi: no kbi_fields are configured (see docs/auth-factors.md)"))
+        kbi = {}
+        for field in settings.kbi_fields:
+            if field.id == settings.kbi_individual_id_field:
+                continue  # the ID, not a question
+            hint = f" ({field.format or 'yyyy-MM-dd'})" if field.type == "date" else ""
+            kbi[field.id] = _read_secret_line(f"KBI {field.id}{hint}", strip=field.type == "date")
     kb = _with_app(settings)
     try:
         new = register_identity(
-            kb.service, kb.store, individual_id=individual_id, email=email, phone=phone, name=name, pin=pin
+            kb.service, kb.store, individual_id=individual_id, email=email, phone=phone, name=name, pin=pin, kbi=kbi
         )
         subject = id_hmac_subject(kb.service.id_hmac(individual_id))
         _audit_admin(kb.store, admin_event(datetime.now(UTC), "identities_add", subject=subject))
@@ -445,6 +471,15 @@ def identities_add(
     finally:
         kb.close()
     typer.echo("added" if new else "updated")
+
+
+def _read_secret_line(prompt: str, *, strip: bool = True) -> str:
+    """A secret from the terminal (not echoed) or one line of stdin; never from argv."""
+    if sys.stdin.isatty():
+        value: str = typer.prompt(prompt, hide_input=True)
+        return value.strip() if strip else value
+    line = sys.stdin.readline().rstrip("\r\n")
+    return line.strip() if strip else line
 
 
 def _audit_rows(store: Store) -> Iterator[AuditRow]:

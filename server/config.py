@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -19,15 +19,31 @@ from pydantic_settings import (
 )
 
 from hsm import KeyKind, Pkcs11Uri
+from server.auth import DEFAULT_CHALLENGE_FACTORS, DEFAULT_CHALLENGE_RULES, REGISTRY, check_factor_settings
 from server.limits import Limits, RateRule
 from server.notifiers import read_secret
 from server.notifiers.webhook import check_webhook_url
-from server.policy import DEFAULT_INDIVIDUAL_ID_PATTERN, Policy
+from server.policy import DEFAULT_INDIVIDUAL_ID_FIELD, DEFAULT_INDIVIDUAL_ID_PATTERN, KbiField, Policy
 from server.stores import check_url, is_postgres, sqlite_path
 
 DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 DEFAULT_TOKEN = "keybinder"  # noqa: S105 - a token label, not a secret
 DEFAULT_ISSUER_LABEL = "keybinder-issuer"
+
+
+class KbiFieldSetting(BaseModel):
+    """One KBI question, as an entry of eSignet's ``kbi.field-details``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    type: Literal["text", "date"] = "text"
+    format: str = ""
+
+    @model_validator(mode="after")
+    def _valid(self) -> KbiFieldSetting:
+        KbiField(self.id, self.type, self.format)  # ValueError naming the field
+        return self
 
 
 class Settings(BaseSettings):
@@ -51,6 +67,23 @@ class Settings(BaseSettings):
     otp_ttl_seconds: int = Field(180, ge=10, le=3600, description="How long an OTP stays usable.")
     otp_max_attempts: int = Field(3, ge=1, le=10, description="Verification attempts per OTP.")
     bind_auth_factor_types: list[str] = Field(["WLA"], description="Factors a wallet key may be bound for.")
+    challenge_factors: list[str] = Field(
+        list(DEFAULT_CHALLENGE_FACTORS),
+        description="Auth factors whose challenges are accepted (docs/auth-factors.md).",
+    )
+    challenge_rules: list[list[str]] | None = Field(
+        None,
+        description="Factor combinations that bind: a request must include every factor of one of them."
+        " Unset: OTP, PIN or WLA, each alone (KBI only with one of them).",
+    )
+    kbi_fields: list[KbiFieldSetting] = Field(
+        [], description="KBI questions as eSignet's kbi.field-details: [{id, type = text|date, format}]."
+    )
+    kbi_individual_id_field: str = Field(
+        DEFAULT_INDIVIDUAL_ID_FIELD,
+        min_length=1,
+        description="The KBI field that carries the individual ID (eSignet's kbi.individual-id-field), not an answer.",
+    )
     individual_id_pattern: str = Field(DEFAULT_INDIVIDUAL_ID_PATTERN, description="Regex an individual ID must match.")
     outbox_path: Path | None = Field(None, description="Where the outbox notifier appends OTP messages.")
     wla_audience: str = Field("keybinder", min_length=1, description="aud a WLA token must carry by default.")
@@ -181,6 +214,27 @@ class Settings(BaseSettings):
         30.0, ge=0, le=3600, description="How long a server reuses the issuer list; a rotation reaches it within this."
     )
 
+    @model_validator(mode="after")
+    def _factors_usable(self) -> Settings:
+        check_factor_settings(
+            self.challenge_factors,
+            self.factor_rules,
+            kbi_fields=self.kbi_field_list,
+            kbi_individual_id_field=self.kbi_individual_id_field,
+        )
+        return self
+
+    @property
+    def factor_rules(self) -> tuple[frozenset[str], ...]:
+        """``challenge_rules``, or the default rules of the factors this build has."""
+        if self.challenge_rules is not None:
+            return tuple(frozenset(rule) for rule in self.challenge_rules)
+        return tuple(rule for rule in DEFAULT_CHALLENGE_RULES if rule <= REGISTRY.keys())
+
+    @property
+    def kbi_field_list(self) -> tuple[KbiField, ...]:
+        return tuple(KbiField(f.id, f.type, f.format) for f in self.kbi_fields)
+
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
@@ -297,6 +351,10 @@ class Settings(BaseSettings):
             otp_max_attempts=self.otp_max_attempts,
             cert_validity_days=self.cert_validity_days,
             bind_auth_factor_types=frozenset(self.bind_auth_factor_types),
+            challenge_factors=frozenset(self.challenge_factors),
+            challenge_rules=self.factor_rules,
+            kbi_fields=self.kbi_field_list,
+            kbi_individual_id_field=self.kbi_individual_id_field,
             individual_id_pattern=self.individual_id_pattern,
             wla_audience=self.wla_audience,
             wla_skew_seconds=self.wla_skew_seconds,

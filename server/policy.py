@@ -8,12 +8,55 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Literal
 
 from server.limits import Limits
 from server.wla import TokenRules
 
 PARTNER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 DEFAULT_INDIVIDUAL_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}"
+
+
+#: KBI is not on by default: it needs kbi_fields configured and every individual's attributes enrolled.
+DEFAULT_CHALLENGE_FACTORS: tuple[str, ...] = ("OTP", "PIN", "WLA")
+#: A request binds when its factors include every factor of one rule: OTP, PIN or WLA each suffice; KBI (and any
+#: factor in no rule) only adds to them.
+DEFAULT_CHALLENGE_RULES: tuple[frozenset[str], ...] = (frozenset({"OTP"}), frozenset({"PIN"}), frozenset({"WLA"}))
+#: eSignet's ``kbi.individual-id-field``: a field-details entry (and challenge key) that is the ID, not an answer.
+DEFAULT_INDIVIDUAL_ID_FIELD = "individualId"
+_FIELD_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+#: The Java date-pattern letters eSignet's field-details use, and their strptime equivalents.
+_DATE_TOKENS = {"yyyy": "%Y", "MM": "%m", "dd": "%d"}
+_DATE_PATTERN = re.compile(r"yyyy|MM|dd|[-/. ]")
+
+
+@dataclass(frozen=True, slots=True)
+class KbiField:
+    """One configured question: its id in the answers object, its type and (for dates) its format."""
+
+    id: str
+    type: Literal["text", "date"] = "text"
+    format: str = ""
+
+    def __post_init__(self) -> None:
+        if not _FIELD_ID.fullmatch(self.id):
+            raise ValueError(f"KBI field id {self.id!r}: a letter, then up to 63 letters, digits, _ . -")
+        if self.type == "date":
+            strptime_format(self.format or "yyyy-MM-dd")
+
+    @property
+    def date_format(self) -> str:
+        return strptime_format(self.format or "yyyy-MM-dd")
+
+
+def strptime_format(java_pattern: str) -> str:
+    """``yyyy-MM-dd`` → ``%Y-%m-%d``; only day, month, four-digit year and - / . space separators."""
+    tokens = _DATE_PATTERN.findall(java_pattern)
+    if "".join(tokens) != java_pattern or sorted(t for t in tokens if t in _DATE_TOKENS) != ["MM", "dd", "yyyy"]:
+        raise ValueError(
+            f"KBI date format {java_pattern!r}: use yyyy, MM and dd once each, separated by - / . or space"
+        )
+    return "".join(_DATE_TOKENS.get(t, t) for t in tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +67,13 @@ class Policy:
     otp_max_attempts: int = 3
     cert_validity_days: int = 365
     bind_auth_factor_types: frozenset[str] = frozenset({"WLA"})
-    challenge_factors: frozenset[str] = frozenset({"OTP", "PIN", "WLA"})
+    challenge_factors: frozenset[str] = frozenset(DEFAULT_CHALLENGE_FACTORS)
+    #: Combinations that bind: a request's factors must include one of them (server/auth).
+    challenge_rules: tuple[frozenset[str], ...] = DEFAULT_CHALLENGE_RULES
+    #: The KBI questions, as eSignet's kbi.field-details.
+    kbi_fields: tuple[KbiField, ...] = ()
+    #: The field that carries the individual ID, not an answer (eSignet's kbi.individual-id-field).
+    kbi_individual_id_field: str = DEFAULT_INDIVIDUAL_ID_FIELD
     individual_id_pattern: str = DEFAULT_INDIVIDUAL_ID_PATTERN
     wla_audience: str = "keybinder"
     wla_skew_seconds: int = 30

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -29,7 +29,7 @@ class Clock(Protocol):
 class KeyedHasher(Protocol):
     """HMAC-SHA-256 under a secret key that never leaves the HSM.
 
-    ``purpose`` separates domains (ID, PSUT, OTP, PIN) so that one key never yields the same
+    ``purpose`` separates domains (ID, PSUT, OTP, PIN, KBI) so that one key never yields the same
     MAC for two meanings; the parts are length-prefixed so that no two tuples collide.
     """
 
@@ -43,14 +43,35 @@ class IssuerKeys(Protocol):
 
 
 class IdentityStore(Protocol):
-    def upsert_identity(self, identity: Identity) -> bool:
-        """Insert or replace; True when the identity is new."""
+    def upsert_identity(self, identity: Identity, *, kbi: Mapping[str, bytes] | None = None) -> bool:
+        """Insert or replace, in one transaction with the individual's KBI attributes (field id → HMAC), which
+        ``kbi`` replaces (None or empty: none enrolled); True when the identity is new."""
         ...
 
     def get_identity(self, id_hmac: bytes) -> Identity | None: ...
 
 
-class OtpStore(Protocol):
+class KbiStore(Protocol):
+    """An individual's enrolled KBI attributes, as HMACs keyed by field id (see server/auth/kbi.py)."""
+
+    def kbi_answers(self, id_hmac: bytes) -> Mapping[str, bytes]:
+        """Field id → stored HMAC; empty when the individual has none enrolled (or is unknown)."""
+        ...
+
+
+class OtpAttempts(Protocol):
+    """What the OTP factor needs of the OTP store (server/auth/otp.py)."""
+
+    def claim_otp_attempt(self, id_hmac: bytes, partner_id: str, now: datetime) -> OtpRecord | None:
+        """Atomically count one verification attempt against the latest usable OTP.
+
+        Returns the OTP (with the attempt counted) or None when there is none that is unused,
+        unexpired and under its attempt limit.
+        """
+        ...
+
+
+class OtpStore(OtpAttempts, Protocol):
     def replace_otp(
         self, otp: OtpRecord, *, send_limit: RateRule | None = None, audit: AuditEvent | None = None
     ) -> None:
@@ -62,16 +83,18 @@ class OtpStore(Protocol):
 
     def discard_otp(self, transaction_id: str, id_hmac: bytes) -> None: ...
 
-    def claim_otp_attempt(self, id_hmac: bytes, partner_id: str, now: datetime) -> OtpRecord | None:
-        """Atomically count one verification attempt against the latest usable OTP.
 
-        Returns the OTP (with the attempt counted) or None when there is none that is unused,
-        unexpired and under its attempt limit.
-        """
+class BindingLookup(Protocol):
+    """What the WLA factor needs of the binding store (server/auth/wla.py)."""
+
+    def active_binding(self, id_hmac: bytes, partner_id: str, factor: str) -> Binding | None: ...
+
+    def binding_of(self, id_hmac: bytes, thumbprint: str) -> Binding | None:
+        """The individual's binding with this certificate thumbprint (keyed by the individual)."""
         ...
 
 
-class BindingStore(Protocol):
+class BindingStore(BindingLookup, Protocol):
     def claim_key(self, key_fingerprint: str, id_hmac: bytes, now: datetime) -> None:
         """Record that the wallet key belongs to this individual, atomically and for good; raises
         ``KeyOwnedByOther`` when another individual claimed it first. Claiming one's own key again is a
@@ -96,14 +119,8 @@ class BindingStore(Protocol):
 
     def bindings_for(self, id_hmac: bytes, partner_id: str) -> Sequence[Binding]: ...
 
-    def active_binding(self, id_hmac: bytes, partner_id: str, factor: str) -> Binding | None: ...
-
     def binding_by_thumbprint(self, thumbprint: str) -> Binding | None:
         """Any binding with this certificate thumbprint (GetBinding: the caller knows no individual)."""
-        ...
-
-    def binding_of(self, id_hmac: bytes, thumbprint: str) -> Binding | None:
-        """The individual's binding with this certificate thumbprint (keyed by the individual)."""
         ...
 
     def latest_binding_by_psut(self, psut: str, partner_id: str, factor: str) -> Binding | None:

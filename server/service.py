@@ -11,7 +11,7 @@ import secrets
 import string
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import ParamSpec, TypeVar
@@ -19,16 +19,17 @@ from typing import ParamSpec, TypeVar
 from cryptography import x509
 
 from server.audit import AuditEvent, Outcome, individual_event, partner_event, psut_subject
+from server.auth import Attempt, AuthContext, Challenge, Factors
+from server.auth.kbi import enrolment_hmacs
+from server.auth.otp import MAC_OTP, OTP_LENGTH
+from server.auth.pin import MAC_PIN
+from server.auth.wla import verify_wallet_token
 from server.certs import Issuer, issue_wallet_certificate, to_pem, x5t_s256
-from server.challenges import OTP_LENGTH, Challenge, supported_formats, validate_challenges
 from server.domain import Binding, BindingStatus, Identity, IssuerRecord, OtpChannel, OtpMessage, OtpRecord
 from server.errors import (
     AuthFailedError,
     BackendUnavailableError,
-    BindingExpiredError,
     BindingNotFoundError,
-    BindingRevokedError,
-    BindingSupersededError,
     DuplicatePublicKeyError,
     InvalidArgumentError,
     InvalidBindAuthFactorTypeError,
@@ -42,8 +43,6 @@ from server.errors import (
     KeyBindingFailedError,
     ProofOfPossessionRequiredError,
     SendOtpFailedError,
-    Sha256ThumbprintMismatchError,
-    TokenReplayedError,
     TooManyAttemptsError,
 )
 from server.issuers import published_certificates, published_chains, rotation_due, signing_issuer
@@ -60,6 +59,7 @@ from server.ports import (
     IdentityStore,
     IssuerKeys,
     IssuerStore,
+    KbiStore,
     KeyedHasher,
     KeyOwnedByOther,
     LimitStore,
@@ -70,7 +70,7 @@ from server.ports import (
     RateLimited,
     ReplayCache,
 )
-from server.wla import TokenRules, VerifiedToken, check_claims, read_header, verify_possession, verify_signed
+from server.wla import TokenRules, VerifiedToken, verify_possession
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -90,11 +90,9 @@ ACTION_BIND = "do_key_binding"
 ACTION_VERIFY = "verify_wallet_token"
 ACTION_REVOKE = "revoke_binding"
 
-# MAC purposes: one HSM key, one label per meaning.
+# MAC purposes: one HSM key, one label per meaning (each factor's own in its module under server/auth/).
 MAC_ID = "individual-id"
 MAC_PSUT = "psut"
-MAC_OTP = "otp"
-MAC_PIN = "pin"
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +179,7 @@ class KeyBinderService:
         nonces: NonceStore,
         limit_store: LimitStore,
         audit_log: AuditLog,
+        kbi: KbiStore,
     ) -> None:
         self.policy = policy
         self.clock = clock
@@ -196,6 +195,21 @@ class KeyBinderService:
         self.limit_store = limit_store
         self.audit_log = audit_log
         self._id_pattern = re.compile(policy.individual_id_pattern)
+        self.factors = Factors(
+            AuthContext(
+                hasher,
+                clock,
+                otps,
+                bindings,
+                replay,
+                kbi,
+                policy.wla_rules,
+                policy.kbi_fields,
+                policy.kbi_individual_id_field,
+            ),
+            policy.challenge_factors,
+            policy.challenge_rules,
+        )
         self._issuer_cache = IssuerCache()
 
     # -- validation helpers ---------------------------------------------------------------
@@ -221,6 +235,14 @@ class KeyBinderService:
     @backend_errors
     def pin_hmac(self, id_hmac: bytes, pin: str) -> bytes:
         return self.hasher.mac(MAC_PIN, id_hmac, pin)
+
+    @backend_errors
+    def kbi_hmacs(self, id_hmac: bytes, answers: Mapping[str, str]) -> dict[str, bytes]:
+        """The stored form of an individual's KBI attributes (ValueError naming the field at fault)."""
+        policy = self.policy
+        return enrolment_hmacs(
+            self.hasher, policy.kbi_fields, id_hmac, answers, id_field=policy.kbi_individual_id_field
+        )
 
     # -- audit trail ----------------------------------------------------------------------
     # Policy: a success is never answered without its entry, which is written in the transaction of the
@@ -263,7 +285,7 @@ class KeyBinderService:
     # -- GetSupportedChallengeFormats ----------------------------------------------------
 
     def get_supported_challenge_formats(self, auth_factor_type: str) -> list[str]:
-        return supported_formats(auth_factor_type, self.policy.challenge_factors)
+        return self.factors.supported_formats(auth_factor_type)
 
     # -- SendBindingOtp -------------------------------------------------------------------
 
@@ -389,7 +411,7 @@ class KeyBinderService:
         # Everything that can be checked without a secret is checked before any is touched.
         trail.partner_id = self.check_partner(partner_id)
         self.check_individual_id(individual_id)
-        validate_challenges(challenges, self.policy.challenge_factors)
+        self.factors.validate(challenges)
         if bind_auth_factor_type not in self.policy.bind_auth_factor_types:
             raise InvalidBindAuthFactorTypeError(
                 f"bind_auth_factor_type must be one of {sorted(self.policy.bind_auth_factor_types)}"
@@ -506,32 +528,17 @@ class KeyBinderService:
         """
         failed = identity is None
         consumed: str | None = None
+        attempt = Attempt(identity, individual_id, id_hmac, partner_id)
         for ch in challenges:
-            if ch.auth_factor_type == "OTP":
-                record = self.otps.claim_otp_attempt(id_hmac, partner_id, self.clock.now())
-                if record is None:
-                    failed = True
-                    continue
-                given = self.hasher.mac(MAC_OTP, record.transaction_id, ch.challenge)
-                if hmac.compare_digest(record.otp_hmac, given):
-                    consumed = record.transaction_id
-                else:
-                    failed = True
-            elif ch.auth_factor_type == "PIN":
-                given = self.pin_hmac(id_hmac, ch.challenge)
-                stored = identity.pin_hmac if identity is not None else None
-                if stored is None or not hmac.compare_digest(stored, given):
-                    failed = True
-            elif ch.auth_factor_type == "WLA":
-                try:
-                    self._verify_wla(ch.challenge, individual_id, id_hmac, partner_id, "WLA", self.policy.wla_audience)
-                except KeyBinderError as err:
-                    if isinstance(err, BackendUnavailableError | KeyBindingFailedError):
-                        raise
-                    log.info("WLA challenge refused: %s", err.reason)
-                    failed = True
-            else:  # validate_challenges admits only enabled factors; a verifier must exist for each.
+            factor = self.factors.get(ch.auth_factor_type)
+            if factor is None:  # validate admits only enabled factors; a verifier exists for each.
                 failed = True
+                continue
+            verdict = factor.verify(attempt, ch.challenge)
+            if not verdict.passed:
+                failed = True
+            elif verdict.consumed_otp is not None:
+                consumed = verdict.consumed_otp
         if failed:
             raise AuthFailedError("authentication failed")
         return consumed
@@ -570,32 +577,24 @@ class KeyBinderService:
         audience: str,
         trail: _Trail | None = None,
     ) -> tuple[Binding, VerifiedToken]:
-        """All WLA rules, in order; raises the precise error. The jti is claimed last."""
-        header = read_header(token)
-        now = self.clock.now()
-        active = self.bindings.active_binding(id_hmac, partner_id, factor)
-        if active is None or active.cert_thumbprint != header.x5t_s256:
-            named = self.bindings.binding_of(id_hmac, header.x5t_s256)
-            if named is not None and named.partner_id == partner_id:
-                if named.status is BindingStatus.SUPERSEDED:
-                    raise BindingSupersededError("the token names a binding that has been superseded")
-                if named.status is BindingStatus.REVOKED:
-                    raise BindingRevokedError("the token names a revoked binding")
-            if active is None:
-                raise BindingNotFoundError("the individual has no active binding for this partner and factor")
-            raise Sha256ThumbprintMismatchError("x5t#S256 does not match the individual's active binding")
-        if active.expires_at <= now:
-            raise BindingExpiredError("the binding's certificate has expired")
-        cert = x509.load_pem_x509_certificate(active.certificate_pem.encode())
-        payload = verify_signed(token, header.alg, cert)
+        """All WLA rules, in order (server/auth/wla.py); raises the precise error. The jti is claimed last."""
         rules = self.policy.wla_rules
         if audience != rules.audience:
             rules = TokenRules(audience, rules.skew_seconds, rules.max_lifetime_seconds)
-        verified = check_claims(payload, subject=individual_id, rules=rules, now=now)
-        audit = self._event(trail, Outcome.SUCCESS, subject=psut_subject(active.psut)) if trail is not None else None
-        if not self.replay.claim_jti(id_hmac, verified.jti, verified.expires_at, now, audit=audit):
-            raise TokenReplayedError("this token has already been used")
-        return active, verified
+        return verify_wallet_token(
+            self.bindings,
+            self.replay,
+            self.clock,
+            token,
+            individual_id=individual_id,
+            id_hmac=id_hmac,
+            partner_id=partner_id,
+            factor=factor,
+            rules=rules,
+            audit=(lambda b: self._event(trail, Outcome.SUCCESS, subject=psut_subject(b.psut)))
+            if trail is not None
+            else None,
+        )
 
     # -- VerifyWalletToken ----------------------------------------------------------------
 
@@ -658,7 +657,7 @@ class KeyBinderService:
     ) -> Binding:
         trail.partner_id = self.check_partner(partner_id)
         self.check_individual_id(individual_id)
-        validate_challenges(challenges, self.policy.challenge_factors)
+        self.factors.validate(challenges)
         factor = self._factor(factor)
         if not REVOCATION_REASON_PATTERN.fullmatch(reason):
             raise InvalidRevocationReasonError("reason must be 1 to 200 printable characters")

@@ -24,7 +24,12 @@ SERVICE_LAYER = {
     "server.domain": "frozen records passed between the service and its ports",
     "server.policy": "policy values and the ID patterns",
     "server.errors": "errors with their reason and a transport-neutral status",
-    "server.challenges": "challenge formats and shape checks",
+    "server.auth": "the auth-factor registry, challenge validation and the factor rules",
+    "server.auth.base": "the AuthFactor Protocol and the values a factor works on",
+    "server.auth.otp": "the OTP factor",
+    "server.auth.pin": "the PIN factor",
+    "server.auth.wla": "the WLA factor (a token signed by the bound wallet key)",
+    "server.auth.kbi": "the KBI factor (knowledge-based answers)",
     "server.jwk": "wallet JWK validation",
     "server.wla": "WLA token and proof-of-possession verification",
     "server.certs": "certificate profiles (the signer is any cryptography private key)",
@@ -197,7 +202,7 @@ def test_ports_domain_and_policy_sit_at_the_bottom() -> None:
     assert found == [], "\n".join(found)
 
 
-@pytest.mark.parametrize("module", ["server.service", "server.partners", "server.policy", "server.config"])
+@pytest.mark.parametrize("module", ["server.service", "server.auth", "server.partners", "server.policy", "server.config"])
 def test_importing_a_service_module_loads_no_grpc(module: str) -> None:
     """The rule holds at run time too: nothing the module pulls in, transitively, loads grpc (or pkcs11)."""
     forbidden = ["grpc", "pkcs11"] if module != "server.config" else ["grpc"]

@@ -155,7 +155,12 @@ def wla_refusal(stub: pb_grpc.KeyBinderServiceStub, person: Person, request_id: 
 
 
 def service_lines(log: JsonLog, request_id: str) -> list[dict[str, Any]]:
-    return [x for x in log.lines() if x.get("request_id") == request_id and x["logger"] == "server.service"]
+    # The service and the auth factors (server/auth/) log inside the call.
+    return [
+        x
+        for x in log.lines()
+        if x.get("request_id") == request_id and x["logger"].startswith(("server.service", "server.auth."))
+    ]
 
 
 def test_lines_logged_inside_the_call_carry_the_context_on_the_event_loop(

@@ -36,8 +36,8 @@ from server.app import (
     register_identity,
     rotate_issuer,
 )
+from server.auth import Challenge
 from server.certs import x5t_s256
-from server.challenges import Challenge
 from server.config import Settings, load_settings
 from server.domain import IssuerRecord, PendingIssuer
 from server.errors import KeyBindingFailedError

@@ -46,9 +46,12 @@ from server.stores import sqlite as lite
 from server.stores.postgres import PostgresStore
 from server.stores.sqlite import SqliteStore
 from tests.conftest import PG_ADMIN_URL, require
+from tests.fakes import MemoryStore
 
 PG_URL = PG_ADMIN_URL  # one setting for every PostgreSQL test: $KEYBINDER_TEST_POSTGRES
 Store = SqliteStore | PostgresStore
+#: A store or the in-memory fake (tests/fakes.py): the tests taking it use only what the fake implements.
+AnyStore = SqliteStore | PostgresStore | MemoryStore
 R = TypeVar("R")
 
 PARTNER = "wallet-a"
@@ -58,7 +61,7 @@ T0 = datetime(2031, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
 RACE_TIMEOUT_SECONDS = 30.0
 TABLES = (
     *("individuals", "otps", "bindings", "wallet_keys", "issuers", "wla_jtis", "binding_nonces"),
-    *("individual_limits", "partner_limits", "audit_log", "partners"),
+    *("individual_limits", "partner_limits", "audit_log", "partners", "kbi_answers"),
 )
 
 
@@ -104,6 +107,25 @@ def empty_pg_store(url: str) -> PostgresStore:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    s: Store
+    if request.param == "sqlite":
+        path = tmp_path / "keybinder.sqlite"
+        lite.migrate(path)
+        s = SqliteStore(path)
+    else:
+        s = empty_pg_store(request.getfixturevalue("pg_url"))
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "memory"])
+def port_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AnyStore]:
+    """The real stores and the fake that stands in for them in the auth-factor unit tests."""
+    if request.param == "memory":
+        yield MemoryStore()
+        return
     s: Store
     if request.param == "sqlite":
         path = tmp_path / "keybinder.sqlite"
@@ -201,7 +223,8 @@ def contract(fn: Callable[[Store], None]) -> Callable[[Store], None]:
 
 
 @contract
-def test_upsert_and_get_identity(store: Store) -> None:
+def test_upsert_and_get_identity(port_store: AnyStore) -> None:
+    store = port_store
     id_hmac = new_id()
     assert store.get_identity(id_hmac) is None
     first = Identity(id_hmac, "a@example.org", "+4915100000000", "A", b"\x00pin\xff")
@@ -213,6 +236,25 @@ def test_upsert_and_get_identity(store: Store) -> None:
     assert store.upsert_identity(Identity(new_id(), None, None, None, None)) is True
     assert store.count_identities() == 2
     assert store.count_rows("individuals") == 2
+
+
+@contract
+def test_kbi_answers_are_replaced_with_the_identity(port_store: AnyStore) -> None:
+    store = port_store
+    id_hmac, other = new_id(), new_id()
+    assert store.kbi_answers(id_hmac) == {}  # unknown individual: none
+    person = Identity(id_hmac, None, None, "K", None)
+    answers = {"dob": b"\x01" * 32, "phone": b"\x00mac\xff" + b"\x02" * 25}
+    assert store.upsert_identity(person, kbi=answers) is True
+    store.upsert_identity(Identity(other, None, None, "O", None), kbi={"dob": b"\x03" * 32})
+    assert store.kbi_answers(id_hmac) == answers
+    # An update replaces the set: a field left out is gone, a new one is there, nothing else is touched.
+    assert store.upsert_identity(person, kbi={"dob": b"\x04" * 32}) is False
+    assert store.kbi_answers(id_hmac) == {"dob": b"\x04" * 32}
+    assert store.upsert_identity(person) is False  # none given: none enrolled (like the PIN)
+    assert store.kbi_answers(id_hmac) == {}
+    assert store.kbi_answers(other) == {"dob": b"\x03" * 32}
+    assert store.count_rows("kbi_answers") == 1
 
 
 @contract
@@ -253,7 +295,8 @@ def test_replace_otp_invalidates_the_previous_one(store: Store) -> None:
 
 
 @contract
-def test_claim_otp_attempt_counts_and_stops_at_the_limit(store: Store) -> None:
+def test_claim_otp_attempt_counts_and_stops_at_the_limit(port_store: AnyStore) -> None:
+    store = port_store
     id_hmac = new_id()
     otp = make_otp(id_hmac, max_attempts=3)
     store.replace_otp(otp)
@@ -276,7 +319,8 @@ def test_claim_otp_attempt_counts_and_stops_at_the_limit(store: Store) -> None:
 
 
 @contract
-def test_claim_otp_attempt_ignores_expired_and_used_otps(store: Store) -> None:
+def test_claim_otp_attempt_ignores_expired_and_used_otps(port_store: AnyStore) -> None:
+    store = port_store
     expired_for = new_id()
     otp = make_otp(expired_for, ttl=timedelta(seconds=60))
     store.replace_otp(otp)
@@ -313,7 +357,8 @@ def test_discard_otp(store: Store) -> None:
 
 
 @contract
-def test_commit_binding_supersedes_the_active_binding(store: Store) -> None:
+def test_commit_binding_supersedes_the_active_binding(port_store: AnyStore) -> None:
+    store = port_store
     id_hmac = new_id()
     first = make_binding(id_hmac)
     second = make_binding(id_hmac, created_at=T0 + timedelta(hours=1))
@@ -341,7 +386,8 @@ def test_commit_binding_supersedes_the_active_binding(store: Store) -> None:
 
 
 @contract
-def test_commit_binding_consumes_the_otp_exactly_once(store: Store) -> None:
+def test_commit_binding_consumes_the_otp_exactly_once(port_store: AnyStore) -> None:
+    store = port_store
     id_hmac = new_id()
     otp = make_otp(id_hmac)
     store.replace_otp(otp)
@@ -420,6 +466,21 @@ def test_commit_binding_cannot_spend_another_individuals_otp_or_nonce(store: Sto
 
 
 @contract
+def test_binding_of_is_the_individuals_binding_by_thumbprint_whatever_its_status(port_store: AnyStore) -> None:
+    store = port_store
+    id_hmac = new_id()
+    old, new = make_binding(id_hmac), make_binding(id_hmac)
+    store.commit_binding(old, consume_otp=None, now=T0)
+    store.commit_binding(new, consume_otp=None, now=T0 + timedelta(seconds=1))
+    assert store.binding_of(id_hmac, new.cert_thumbprint) == new
+    assert store.binding_of(id_hmac, old.cert_thumbprint) == as_status(
+        old, BindingStatus.SUPERSEDED, superseded_at=T0 + timedelta(seconds=1)
+    )
+    assert store.binding_of(new_id(), new.cert_thumbprint) is None  # another individual's is out of reach
+    assert store.binding_of(id_hmac, "x5t-unknown") is None
+
+
+@contract
 def test_binding_lookups_by_thumbprint_and_psut(store: Store) -> None:
     id_hmac = new_id()
     old, new = make_binding(id_hmac), make_binding(id_hmac)
@@ -477,7 +538,8 @@ def test_revoke_binding(store: Store) -> None:
 
 
 @contract
-def test_claim_jti_is_single_use_until_expiry(store: Store) -> None:
+def test_claim_jti_is_single_use_until_expiry(port_store: AnyStore) -> None:
+    store = port_store
     id_hmac, other = new_id(), new_id()
     exp = T0 + timedelta(minutes=2)
     assert store.claim_jti(id_hmac, "jti-1", exp, T0) is True
@@ -991,7 +1053,9 @@ def test_pg_recovers_from_dropped_connections(pg_url: str) -> None:
 
 # -- PostgreSQL only: every statement on a per-individual table names the individual ----------
 
-PER_INDIVIDUAL_TABLES = {"individuals", "otps", "bindings", "wla_jtis", "binding_nonces", "individual_limits"}
+PER_INDIVIDUAL_TABLES = {
+    *("individuals", "otps", "bindings", "wla_jtis", "binding_nonces", "individual_limits", "kbi_answers")
+}
 #: Keyed by chain_key, which for an individual's chain is its id_hmac (partner and admin chains have their own).
 PER_CHAIN_TABLES = {"audit_log"}
 #: Statements allowed to run without id_hmac; the store explains each one where it defines it.

@@ -9,7 +9,7 @@ from datetime import datetime
 from cryptography import x509
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from server.challenges import Challenge
+from server.auth.base import Challenge
 from server.domain import Binding, BindingStatus
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.issuers import issuer_jwks, published_pems

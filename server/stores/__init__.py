@@ -12,6 +12,7 @@ from server.ports import (
     BindingStore,
     IdentityStore,
     IssuerStore,
+    KbiStore,
     LimitStore,
     NonceStore,
     OtpStore,
@@ -22,6 +23,7 @@ from server.ports import (
 
 class Store(
     IdentityStore,
+    KbiStore,
     OtpStore,
     BindingStore,
     IssuerStore,

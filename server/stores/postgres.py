@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -37,7 +37,7 @@ LOCK_NAMESPACE: Final = 0x4B42
 
 TABLES: Final = (
     *("individuals", "otps", "bindings", "wallet_keys", "issuers", "wla_jtis", "binding_nonces"),
-    *("individual_limits", "partner_limits", "audit_log", "partners"),
+    *("individual_limits", "partner_limits", "audit_log", "partners", "kbi_answers"),
 )
 
 # -- SQL ------------------------------------------------------------------------------------
@@ -66,6 +66,10 @@ SQL_UPDATE_IDENTITY: Final = (
     "UPDATE individuals SET email = %s, phone = %s, name = %s, pin_hmac = %s, updated_at = %s WHERE id_hmac = %s"
 )
 SQL_GET_IDENTITY: Final = "SELECT email, phone, name, pin_hmac FROM individuals WHERE id_hmac = %s"
+# An individual's KBI attributes are replaced with the identity, in its transaction (server/auth/kbi.py).
+SQL_DELETE_KBI: Final = "DELETE FROM kbi_answers WHERE id_hmac = %s"
+SQL_INSERT_KBI: Final = "INSERT INTO kbi_answers (id_hmac, field_id, answer_hmac) VALUES (%s, %s, %s)"
+SQL_KBI_ANSWERS: Final = "SELECT field_id, answer_hmac FROM kbi_answers WHERE id_hmac = %s"
 # Admin only (CLI, tests): counts every individual, so it fans out to every shard.
 SQL_COUNT_IDENTITIES: Final = "SELECT count(*) FROM individuals"
 # Metrics only (the active-bindings gauge, computed at scrape time and cached, off the request path):
@@ -416,7 +420,7 @@ class PostgresStore:
 
     # -- identities -----------------------------------------------------------------------
 
-    def upsert_identity(self, identity: Identity) -> bool:
+    def upsert_identity(self, identity: Identity, *, kbi: Mapping[str, bytes] | None = None) -> bool:
         now = datetime.now(UTC)
         i = identity
 
@@ -424,10 +428,13 @@ class PostgresStore:
             # Insert-or-nothing, then update: a concurrent insert of the same individual waits for ours and
             # then finds the row, so exactly one caller sees True.
             cur.execute(SQL_INSERT_IDENTITY, (i.id_hmac, i.email, i.phone, i.name, i.pin_hmac, now, now))
-            if cur.rowcount == 1:
-                return True
-            cur.execute(SQL_UPDATE_IDENTITY, (i.email, i.phone, i.name, i.pin_hmac, now, i.id_hmac))
-            return False
+            new = cur.rowcount == 1
+            if not new:
+                cur.execute(SQL_UPDATE_IDENTITY, (i.email, i.phone, i.name, i.pin_hmac, now, i.id_hmac))
+            cur.execute(SQL_DELETE_KBI, (i.id_hmac,))
+            for field_id, mac in (kbi or {}).items():
+                cur.execute(SQL_INSERT_KBI, (i.id_hmac, field_id, mac))
+            return new
 
         return self._run(work, write=True)
 
@@ -437,6 +444,9 @@ class PostgresStore:
             return None
         email, phone, name, pin_hmac = rows[0]
         return Identity(id_hmac, email, phone, name, pin_hmac)
+
+    def kbi_answers(self, id_hmac: bytes) -> dict[str, bytes]:
+        return {field_id: bytes(mac) for field_id, mac in self._read(SQL_KBI_ANSWERS, (id_hmac,))}
 
     def count_identities(self) -> int:
         return int(self._read(SQL_COUNT_IDENTITIES, ())[0][0])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +19,7 @@ from server.ports import KeyOwnedByOther, OtpAlreadyUsed, PartnerCertificateInUs
 BUSY_TIMEOUT_SECONDS = 5.0
 TABLES = frozenset(
     {"individuals", "otps", "bindings", "wallet_keys", "issuers", "wla_jtis", "binding_nonces"}
-    | {"individual_limits", "partner_limits", "audit_log", "partners"}
+    | {"individual_limits", "partner_limits", "audit_log", "partners", "kbi_answers"}
 )
 
 
@@ -130,7 +130,7 @@ class SqliteStore:
 
     # -- identities -----------------------------------------------------------------------
 
-    def upsert_identity(self, identity: Identity) -> bool:
+    def upsert_identity(self, identity: Identity, *, kbi: Mapping[str, bytes] | None = None) -> bool:
         now = ts(datetime.now(UTC))
         with self._tx() as conn:
             existed = conn.execute("SELECT 1 FROM individuals WHERE id_hmac = ?", (identity.id_hmac,)).fetchone()
@@ -141,7 +141,16 @@ class SqliteStore:
                 " name = excluded.name, pin_hmac = excluded.pin_hmac, updated_at = excluded.updated_at",
                 (identity.id_hmac, identity.email, identity.phone, identity.name, identity.pin_hmac, now, now),
             )
+            conn.execute("DELETE FROM kbi_answers WHERE id_hmac = ?", (identity.id_hmac,))
+            conn.executemany(
+                "INSERT INTO kbi_answers (id_hmac, field_id, answer_hmac) VALUES (?, ?, ?)",
+                [(identity.id_hmac, field_id, mac) for field_id, mac in (kbi or {}).items()],
+            )
         return existed is None
+
+    def kbi_answers(self, id_hmac: bytes) -> dict[str, bytes]:
+        rows = self._query("SELECT field_id, answer_hmac FROM kbi_answers WHERE id_hmac = ?", (id_hmac,))
+        return {row["field_id"]: bytes(row["answer_hmac"]) for row in rows}
 
     def get_identity(self, id_hmac: bytes) -> Identity | None:
         rows = self._query("SELECT email, phone, name, pin_hmac FROM individuals WHERE id_hmac = ?", (id_hmac,))

@@ -1,0 +1,11 @@
+-- depends: 0005_issuer_lifecycle
+-- KBI (knowledge-based identification, server/auth/kbi.py): an individual's enrolled attributes, one row per
+-- configured field, each only as the HSM-keyed HMAC of its normalised form (never the answer in clear).
+-- Written with the identity in one transaction (upsert_identity replaces them); read by the KBI factor only.
+
+CREATE TABLE kbi_answers (
+    id_hmac      BLOB NOT NULL REFERENCES individuals (id_hmac) ON DELETE CASCADE,
+    field_id     TEXT NOT NULL,
+    answer_hmac  BLOB NOT NULL,
+    PRIMARY KEY (id_hmac, field_id)
+);
