@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from server.errors import (
 )
 
 MAX_CHALLENGES = 5
+#: The default `otp_length`; the OTP shape follows the configured length (server/otp.py).
 OTP_LENGTH = 6
 PIN_LENGTH = 6
 WLA_MIN_CHARS = 100
@@ -28,7 +30,6 @@ FACTOR_FORMATS: dict[str, str] = {
 }
 
 _SHAPES: dict[str, re.Pattern[str]] = {
-    "OTP": re.compile(rf"[A-Za-z0-9]{{{OTP_LENGTH}}}"),
     "PIN": re.compile(rf"[0-9]{{{PIN_LENGTH}}}"),
     "WLA": re.compile(rf"(?=.{{{WLA_MIN_CHARS},{WLA_MAX_CHARS}}}$)[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+"),
 }
@@ -50,7 +51,16 @@ def supported_formats(factor: str, enabled: Collection[str]) -> list[str]:
     return [fmt] if fmt is not None and factor in enabled else []
 
 
-def validate_challenges(challenges: Sequence[Challenge], enabled: Collection[str]) -> None:
+@functools.cache
+def _otp_shape(length: int) -> re.Pattern[str]:
+    # Letters stay well-formed whatever the alphabet: the format is eSignet's alpha-numeric, and a wrong
+    # character is a wrong OTP (auth_failed), not a malformed request.
+    return re.compile(rf"[A-Za-z0-9]{{{length}}}")
+
+
+def validate_challenges(
+    challenges: Sequence[Challenge], enabled: Collection[str], *, otp_length: int = OTP_LENGTH
+) -> None:
     """Check count, factor, format and shape of every challenge before any is verified."""
     if not 1 <= len(challenges) <= MAX_CHALLENGES:
         raise InvalidNoOfChallengesError(f"between 1 and {MAX_CHALLENGES} challenges are required")
@@ -66,7 +76,7 @@ def validate_challenges(challenges: Sequence[Challenge], enabled: Collection[str
                 f"challenge {index}: format for {ch.auth_factor_type} must be {FACTOR_FORMATS[ch.auth_factor_type]!r}",
                 metadata=where,
             )
-        shape = _SHAPES.get(ch.auth_factor_type)
+        shape = _otp_shape(otp_length) if ch.auth_factor_type == "OTP" else _SHAPES.get(ch.auth_factor_type)
         if shape is None or not shape.fullmatch(ch.challenge):
             raise InvalidChallengeError(f"challenge {index}: malformed {ch.auth_factor_type} challenge", metadata=where)
         if ch.auth_factor_type in seen:

@@ -18,9 +18,10 @@ from typing import ParamSpec, TypeVar
 
 from cryptography import x509
 
+from server.aliases import AliasStore
 from server.audit import AuditEvent, Outcome, individual_event, partner_event, psut_subject
 from server.certs import Issuer, issue_wallet_certificate, to_pem, x5t_s256
-from server.challenges import OTP_LENGTH, Challenge, supported_formats, validate_challenges
+from server.challenges import Challenge, supported_formats, validate_challenges
 from server.domain import Binding, BindingStatus, Identity, IssuerRecord, OtpChannel, OtpMessage, OtpRecord
 from server.errors import (
     AuthFailedError,
@@ -48,7 +49,9 @@ from server.errors import (
 )
 from server.issuers import published_certificates, published_chains, rotation_due, signing_issuer
 from server.jwk import WalletPublicKey, parse_wallet_jwk
+from server.keytypes import KEY_TYPES, check_key_type
 from server.limits import Limits, seconds_until
+from server.otp import DEFAULT_OTP_ALPHABET, DEFAULT_OTP_LENGTH, new_otp
 from server.ports import (
     AuditLog,
     BackendFailure,
@@ -69,13 +72,20 @@ from server.ports import (
     RateLimited,
     ReplayCache,
 )
-from server.wla import TokenRules, VerifiedToken, check_claims, read_header, verify_possession, verify_signed
+from server.wla import (
+    TokenRules,
+    VerifiedToken,
+    check_claims,
+    read_header,
+    replay_key,
+    verify_possession,
+    verify_signed,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 P = ParamSpec("P")
 
-OTP_ALPHABET = string.ascii_uppercase + string.digits
 PARTNER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 DEFAULT_INDIVIDUAL_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}"
 REVOCATION_REASON_PATTERN = re.compile(r"[\x20-\x7e]{1,200}")
@@ -93,7 +103,10 @@ ACTION_REVOKE = "revoke_binding"
 
 # MAC purposes: one HSM key, one label per meaning.
 MAC_ID = "individual-id"
+#: The PSUT as it was computed before aliases: over the raw ID the request named. Kept only in the
+#: bindings made then (see `_psut`); new PSUTs are keyed by the canonical ID-HMAC (MAC_PSUT_INDIVIDUAL).
 MAC_PSUT = "psut"
+MAC_PSUT_INDIVIDUAL = "psut-individual"
 MAC_OTP = "otp"
 MAC_PIN = "pin"
 
@@ -104,6 +117,9 @@ class Policy:
 
     otp_ttl_seconds: int = 180
     otp_max_attempts: int = 3
+    #: digits (what Inji's OTP box accepts) or alphanumeric (A-Z0-9), `otp_length` characters.
+    otp_alphabet: str = DEFAULT_OTP_ALPHABET
+    otp_length: int = DEFAULT_OTP_LENGTH
     cert_validity_days: int = 365
     bind_auth_factor_types: frozenset[str] = frozenset({"WLA"})
     challenge_factors: frozenset[str] = frozenset({"OTP", "PIN", "WLA"})
@@ -111,6 +127,17 @@ class Policy:
     wla_audience: str = "keybinder"
     wla_skew_seconds: int = 30
     wla_max_lifetime_seconds: int = 300
+    #: strict / esignet, per partner; partners not listed get the default (see docs/esignet.md).
+    wla_profile: str = "strict"
+    wla_profile_by_partner: tuple[tuple[str, str], ...] = ()
+    #: The esignet profile's rules: eSignet's `mosip.esignet.binding.audience-id` default, Nimbus's default
+    #: clock skew, and Inji's token lifetime (exp = iat + 18000) as the cap.
+    wla_esignet_audience: str = "esignet-binding"
+    wla_esignet_skew_seconds: int = 60
+    wla_esignet_max_lifetime_seconds: int = 18000
+    #: Wallet key types a partner may bind (server/keytypes.py names); partners not listed get the default.
+    allowed_key_types: frozenset[str] = frozenset(KEY_TYPES)
+    allowed_key_types_by_partner: tuple[tuple[str, frozenset[str]], ...] = ()
     #: off / optional / required, per partner; partners not listed get the default.
     proof_of_possession: str = "optional"
     proof_of_possession_by_partner: tuple[tuple[str, str], ...] = ()
@@ -125,7 +152,26 @@ class Policy:
 
     @property
     def wla_rules(self) -> TokenRules:
+        """The strict profile's rules."""
         return TokenRules(self.wla_audience, self.wla_skew_seconds, self.wla_max_lifetime_seconds)
+
+    def wla_profile_of(self, partner_id: str) -> str:
+        return dict(self.wla_profile_by_partner).get(partner_id, self.wla_profile)
+
+    def wla_rules_for(self, partner_id: str, audience: str = "") -> TokenRules:
+        """The partner's profile's rules; ``audience`` (a request's expected audience) replaces its default."""
+        if self.wla_profile_of(partner_id) == "esignet":
+            return TokenRules(
+                audience or self.wla_esignet_audience,
+                self.wla_esignet_skew_seconds,
+                self.wla_esignet_max_lifetime_seconds,
+                require_jti=False,
+                required_text_claims=("iss",),
+            )
+        return TokenRules(audience or self.wla_audience, self.wla_skew_seconds, self.wla_max_lifetime_seconds)
+
+    def key_types_for(self, partner_id: str) -> frozenset[str]:
+        return dict(self.allowed_key_types_by_partner).get(partner_id, self.allowed_key_types)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +258,7 @@ class KeyBinderService:
         nonces: NonceStore,
         limit_store: LimitStore,
         audit_log: AuditLog,
+        aliases: AliasStore,
     ) -> None:
         self.policy = policy
         self.clock = clock
@@ -226,6 +273,7 @@ class KeyBinderService:
         self.nonces = nonces
         self.limit_store = limit_store
         self.audit_log = audit_log
+        self.aliases = aliases
         self._id_pattern = re.compile(policy.individual_id_pattern)
         self._issuer_cache = IssuerCache()
 
@@ -248,6 +296,27 @@ class KeyBinderService:
     @backend_errors
     def id_hmac(self, individual_id: str) -> bytes:
         return self.hasher.mac(MAC_ID, individual_id)
+
+    @backend_errors
+    def resolve(self, individual_id: str) -> bytes:
+        """The canonical ID-HMAC of the individual ``individual_id`` names (their own ID or an active alias).
+
+        Anything else (unknown, revoked or expired alias) is its own HMAC, as an unknown ID always was: one
+        HMAC and one query either way, so a revoked alias and an unknown ID cost the same and go on alike.
+        """
+        own = self.hasher.mac(MAC_ID, individual_id)
+        return self.aliases.resolve_individual(own, self.clock.now()) or own
+
+    def _psut(self, id_hmac: bytes, partner_id: str) -> str:
+        """The individual's PSUT for the partner, whichever of their IDs the request named.
+
+        A PSUT issued before aliases existed (an HMAC of the raw ID, which is not stored) is read from the
+        individual's first binding with the partner, so it never changes; a pair that has never been bound
+        gets one keyed by the canonical ID-HMAC: the same through every alias, unlinkable across partners.
+        """
+        return self.aliases.partner_psut(id_hmac, partner_id) or b64url(
+            self.hasher.mac(MAC_PSUT_INDIVIDUAL, partner_id, id_hmac)
+        )
 
     @backend_errors
     def pin_hmac(self, id_hmac: bytes, pin: str) -> bytes:
@@ -317,7 +386,7 @@ class KeyBinderService:
             raise TooManyAttemptsError(
                 "this partner has requested too many OTPs; retry later", retry_after_seconds=wait
             )
-        id_hmac = trail.id_hmac = self.id_hmac(individual_id)
+        id_hmac = trail.id_hmac = self.resolve(individual_id)
         identity = self.identities.get_identity(id_hmac)
         if identity is None:
             raise SendOtpFailedError("cannot send an OTP to this individual")
@@ -325,7 +394,7 @@ class KeyBinderService:
 
         now = self.clock.now()
         transaction_id = secrets.token_urlsafe(24)
-        otp = "".join(secrets.choice(OTP_ALPHABET) for _ in range(OTP_LENGTH))
+        otp = new_otp(self.policy.otp_alphabet, self.policy.otp_length)
         record = OtpRecord(
             transaction_id=transaction_id,
             id_hmac=id_hmac,
@@ -420,22 +489,24 @@ class KeyBinderService:
         # Everything that can be checked without a secret is checked before any is touched.
         trail.partner_id = self.check_partner(partner_id)
         self.check_individual_id(individual_id)
-        validate_challenges(challenges, self.policy.challenge_factors)
+        validate_challenges(challenges, self.policy.challenge_factors, otp_length=self.policy.otp_length)
         if bind_auth_factor_type not in self.policy.bind_auth_factor_types:
             raise InvalidBindAuthFactorTypeError(
                 f"bind_auth_factor_type must be one of {sorted(self.policy.bind_auth_factor_types)}"
             )
         wallet = parse_wallet_jwk(public_key_jwk)
+        # Decided before any challenge is looked at: a key the partner may not bind spends no OTP attempt.
+        check_key_type(wallet.public_key, self.policy.key_types_for(partner_id))
         # The proof's shape and signature need no secret: check them before any attempt is counted.
         pop_nonce = self._proof_nonce(proof_of_possession, wallet.public_key, partner_id)
 
-        id_hmac = trail.id_hmac = self.id_hmac(individual_id)
+        id_hmac = trail.id_hmac = self.resolve(individual_id)
         identity, locked_until = self.limit_store.identity_and_lock(id_hmac)
         self._check_lockout(locked_until)
         consumed_otp = self._verify_counted(trail, identity, individual_id, id_hmac, partner_id, challenges)
         consumed_nonce = self._check_nonce(pop_nonce, id_hmac, partner_id, consumed_otp)
 
-        psut = b64url(self.hasher.mac(MAC_PSUT, partner_id, individual_id))
+        psut = self._psut(id_hmac, partner_id)
         now = self.clock.now()
         issuer = self._active_issuer(now)
         try:
@@ -555,7 +626,7 @@ class KeyBinderService:
                     failed = True
             elif ch.auth_factor_type == "WLA":
                 try:
-                    self._verify_wla(ch.challenge, individual_id, id_hmac, partner_id, "WLA", self.policy.wla_audience)
+                    self._verify_wla(ch.challenge, individual_id, id_hmac, partner_id, "WLA", "")
                 except KeyBinderError as err:
                     if isinstance(err, BackendUnavailableError | KeyBindingFailedError):
                         raise
@@ -619,12 +690,22 @@ class KeyBinderService:
             raise BindingExpiredError("the binding's certificate has expired")
         cert = x509.load_pem_x509_certificate(active.certificate_pem.encode())
         payload = verify_signed(token, header.alg, cert)
-        rules = self.policy.wla_rules
-        if audience != rules.audience:
-            rules = TokenRules(audience, rules.skew_seconds, rules.max_lifetime_seconds)
-        verified = check_claims(payload, subject=individual_id, rules=rules, now=now)
+        rules: TokenRules = self.policy.wla_rules_for(partner_id, audience)
+
+        def same_individual(sub: str) -> bool:
+            # The token may name the individual by another of their IDs (a UIN where the request has a VID).
+            if sub == individual_id:
+                return True
+            try:
+                self.check_individual_id(sub)
+            except InvalidIndividualIdError:
+                return False
+            return hmac.compare_digest(self.resolve(sub), id_hmac)
+
+        verified = check_claims(payload, subject=same_individual, rules=rules, now=now)
         audit = self._event(trail, Outcome.SUCCESS, subject=psut_subject(active.psut)) if trail is not None else None
-        if not self.replay.claim_jti(id_hmac, verified.jti, verified.expires_at, now, audit=audit):
+        key = verified.jti or replay_key(token)
+        if not self.replay.claim_jti(id_hmac, key, verified.expires_at, now, audit=audit):
             raise TokenReplayedError("this token has already been used")
         return active, verified
 
@@ -646,11 +727,12 @@ class KeyBinderService:
         trail.partner_id = self.check_partner(partner_id)
         self.check_individual_id(individual_id)
         factor = self._factor(factor)
-        audience = expected_audience or self.policy.wla_audience
-        if len(audience) > 256:
+        if len(expected_audience) > 256:
             raise InvalidWlaTokenError("expected_audience is too long")
-        id_hmac = trail.id_hmac = self.id_hmac(individual_id)
-        binding, verified = self._verify_wla(token, individual_id, id_hmac, partner_id, factor, audience, trail)
+        id_hmac = trail.id_hmac = self.resolve(individual_id)
+        binding, verified = self._verify_wla(
+            token, individual_id, id_hmac, partner_id, factor, expected_audience, trail
+        )
         return WalletTokenResult(
             psut=binding.psut,
             thumbprint=binding.cert_thumbprint,
@@ -689,11 +771,11 @@ class KeyBinderService:
     ) -> Binding:
         trail.partner_id = self.check_partner(partner_id)
         self.check_individual_id(individual_id)
-        validate_challenges(challenges, self.policy.challenge_factors)
+        validate_challenges(challenges, self.policy.challenge_factors, otp_length=self.policy.otp_length)
         factor = self._factor(factor)
         if not REVOCATION_REASON_PATTERN.fullmatch(reason):
             raise InvalidRevocationReasonError("reason must be 1 to 200 printable characters")
-        id_hmac = trail.id_hmac = self.id_hmac(individual_id)
+        id_hmac = trail.id_hmac = self.resolve(individual_id)
         identity, locked_until = self.limit_store.identity_and_lock(id_hmac)
         self._check_lockout(locked_until)
         consumed_otp = self._verify_counted(trail, identity, individual_id, id_hmac, partner_id, challenges)
@@ -735,7 +817,7 @@ class KeyBinderService:
         self.check_individual_id(individual_id)
         nonce = secrets.token_urlsafe(24)
         expires = self.clock.now() + timedelta(seconds=self.policy.otp_ttl_seconds)
-        self.nonces.create_nonce(nonce, self.id_hmac(individual_id), partner_id, expires)
+        self.nonces.create_nonce(nonce, self.resolve(individual_id), partner_id, expires)
         return nonce, expires
 
     # -- GetIssuerCertificates ------------------------------------------------------------
