@@ -10,6 +10,7 @@ import re
 import secrets
 import sqlite3
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager, nullcontext, suppress
 from datetime import UTC, datetime, timedelta
@@ -19,12 +20,13 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
 from server.aliases import Alias, add_alias, revoke_alias
 from server.app import initialise, register_identity
-from server.config import Settings
+from server.config import Settings, load_settings
 from server.demo import new_wallet_key
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.service import KeyBinderService, b64url
@@ -703,3 +705,44 @@ def test_alias_commands_and_import(tmp_path: Path) -> None:
     nobody = kb_cli("identities", "alias", "list", "6666666666", data_dir=data)
     assert nobody.returncode == 1
     assert "no individual" in nobody.stderr
+
+
+# -- 6. The preset: examples/esignet.toml ---------------------------------------------------------------
+
+PRESET = Path(__file__).resolve().parent.parent / "examples" / "esignet.toml"
+
+
+def test_the_esignet_preset_loads_as_documented(tmp_path: Path) -> None:
+    loaded = load_settings(PRESET, data_dir=tmp_path)
+    policy = loaded.policy()
+    assert (policy.otp_alphabet, policy.otp_length) == ("digits", 6)
+    rules = policy.wla_rules_for("any-partner")
+    assert (rules.audience, rules.skew_seconds, rules.max_lifetime_seconds) == ("esignet-binding", 60, 18000)
+    assert (rules.require_jti, rules.required_text_claims) == (False, ("iss",))
+    assert policy.key_types_for("any-partner") == frozenset({"RSA"})
+    assert loaded.cert_validity_days == 90
+    assert loaded.proof_of_possession != "required"
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_the_esignet_preset_serves_inji(settings: Settings, tmp_path: Path, store: str) -> None:
+    """Inji's whole path under the preset: digit OTP, RSA key bound, Inji's token once, an EC key refused."""
+    preset = tomllib.loads(PRESET.read_text())
+    with server_on(settings, tmp_path, store, **preset) as kb:
+        uin, vid = with_vid(kb)
+        tx, otp = send_otp(kb, uin)
+        assert re.fullmatch(r"[0-9]{6}", otp)
+        _, ec_jwk = new_wallet_key("ec-p256")
+        f = failure(lambda: bind_with(kb, vid, ec_jwk, otp_challenge(otp)))
+        assert (f.code, f.reason) == (INVALID, "invalid_public_key")
+        assert kb.app.store.otp_state(tx) == ("pending", 0)
+        private, jwk = new_wallet_key("rsa-2048")
+        bound = bind_with(kb, vid, jwk, otp_challenge(otp))
+        wallet = Wallet(vid, private, jwk, bound)
+        cert = x509.load_pem_x509_certificate(bound.certificate.encode())
+        days = (cert.not_valid_after_utc - cert.not_valid_before_utc).days
+        assert days == 90
+        token = inji_token(wallet, vid.individual_id)
+        assert verify(kb, token, vid.individual_id).valid
+        f = failure(lambda: verify(kb, token, vid.individual_id))
+        assert f.reason == "token_replayed"
