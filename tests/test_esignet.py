@@ -178,6 +178,16 @@ def test_otp_alphabet_and_length_are_configurable(
         assert all(re.fullmatch(shape, otp) for otp in issued)
         if alphabet == "alphanumeric":
             assert any(not otp.isdigit() for otp in issued), "alphanumeric OTPs carry letters too"
+            # The comparison is exact: the lower case of a letter is a wrong OTP (an attempt spent).
+            tx = kb.stub.SendBindingOtp(request, metadata=md()).transaction_id
+            while (lettered := outbox_otps(kb)[tx]).isdigit():
+                tx = kb.stub.SendBindingOtp(request, metadata=md()).transaction_id
+            _, jwk = new_wallet_key("ec-p256")
+            f = failure(lambda: bind_with(kb, p, jwk, otp_challenge(lettered.lower())))
+            assert (f.code, f.reason) == (UNAUTHENTICATED, "auth_failed")
+            assert kb.app.store.otp_state(tx) == ("pending", 1)
+            sent.append(kb.stub.SendBindingOtp(request, metadata=md()).transaction_id)
+            issued.append(outbox_otps(kb)[sent[-1]])
         # The shape check follows the configured length: a 6-character OTP is malformed, and spends nothing.
         _, jwk = new_wallet_key("ec-p256")
         f = failure(lambda: bind_with(kb, p, jwk, otp_challenge("123456")))
