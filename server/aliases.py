@@ -117,6 +117,19 @@ def check_alias(ids: IdHasher, *, individual_id: str, alias_id: str, alias_type:
         raise ValueError("an alias must differ from the individual's ID")
 
 
+def check_alias_free(
+    ids: IdHasher, store: AliasAdminStore, *, individual_id: str, alias_id: str, now: datetime
+) -> None:
+    """Before a file is imported: the alias is no registered individual's own ID and no one else's active alias.
+    (A revoked alias is refused only when written: resolution cannot tell it from an unknown ID, by design.)"""
+    alias_hmac = ids.id_hmac(alias_id)
+    owner = store.resolve_individual(alias_hmac, now)
+    if owner == alias_hmac:
+        raise ValueError("the alias is a registered individual's own ID")
+    if owner is not None and owner != ids.id_hmac(individual_id):
+        raise ValueError("the alias belongs to another individual")
+
+
 def add_alias(
     ids: IdHasher,
     store: AliasAdminStore,

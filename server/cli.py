@@ -339,7 +339,7 @@ def identities_import(
     hsm_uri: HsmOpt = None,
 ) -> None:
     """Import identities; the ID, its aliases and the PIN are stored only as HSM-keyed HMACs."""
-    from server.aliases import add_alias, check_alias
+    from server.aliases import add_alias, check_alias, check_alias_free
     from server.app import check_identity, register_identity
     from server.audit import admin_event
     from server.errors import KeyBinderError
@@ -369,9 +369,14 @@ def identities_import(
         for index, entry in enumerate(entries):
             try:
                 check_identity(kb.service, individual_id=entry["individual_id"], pin=entry.get("pin"))
-                for alias in aliases[index]:
+                if kb.service.resolve(entry["individual_id"]) != kb.service.id_hmac(entry["individual_id"]):
+                    raise ValueError("this ID is an alias of a registered individual; revoke the alias first")
+                for alias_id, alias_type, _ in aliases[index]:
                     check_alias(
-                        kb.service, individual_id=entry["individual_id"], alias_id=alias[0], alias_type=alias[1]
+                        kb.service, individual_id=entry["individual_id"], alias_id=alias_id, alias_type=alias_type
+                    )
+                    check_alias_free(
+                        kb.service, kb.store, individual_id=entry["individual_id"], alias_id=alias_id, now=import_now
                     )
             except (KeyBinderError, ValueError) as err:
                 raise _fail(RuntimeError(f"entry {index}: {err}")) from err

@@ -422,7 +422,11 @@ def test_uin_then_vid_rebinding_supersedes_and_keeps_the_psut(ekb: RunningServer
     assert elsewhere.bound.partner_specific_user_token != first.bound.partner_specific_user_token
     again = bind(ekb, uin, "rsa-2048", ESIGNET_PARTNER)
     assert again.bound.partner_specific_user_token == elsewhere.bound.partner_specific_user_token
-    # Audit: every entry is in the individual's one chain, whichever ID was used.
+    # Audit: every entry is in the individual's one chain, whichever ID was used; none under the VID's HMAC.
+    chains = {row.chain_key for row in ekb.app.store.audit_rows(None, 1_000_000)}
+    assert canonical(ekb, vid) not in chains
+    own = [r for r in ekb.app.store.audit_rows(None, 1_000_000) if r.chain_key == canonical(ekb, uin)]
+    assert [r.action for r in own].count("do_key_binding") == 4
     assert vid.individual_id not in first.bound.certificate
     assert uin.individual_id not in second.bound.certificate
 
@@ -712,6 +716,28 @@ def test_alias_commands_and_import(tmp_path: Path) -> None:
         assert message in bad.stderr, bad.stderr
         assert "Traceback" not in bad.stderr
     assert "imported" not in bad.stdout
+    # Against what is registered already: checked before the first entry is written.
+    for entries, message in (
+        (
+            [
+                {"individual_id": "6666666666"},
+                {"individual_id": "5555555555", "aliases": [{"id": DEMO_ID, "type": "VID"}]},
+            ],
+            "own ID",
+        ),
+        (
+            [
+                {"individual_id": "6666666666"},
+                {"individual_id": "5555555555", "aliases": [{"id": "888888", "type": "VID"}]},
+            ],
+            "another individual",
+        ),
+        ([{"individual_id": "6666666666"}, {"individual_id": "888888"}], "alias of a registered individual"),
+    ):
+        people.write_text(json.dumps(entries))
+        bad = kb_cli("identities", "import", str(people), data_dir=data)
+        assert bad.returncode == 1, bad.stderr
+        assert message in bad.stderr, bad.stderr
     nobody = kb_cli("identities", "alias", "list", "6666666666", data_dir=data)
     assert nobody.returncode == 1
     assert "no individual" in nobody.stderr
