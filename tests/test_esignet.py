@@ -204,14 +204,19 @@ def test_otp_alphabet_and_length_are_configurable(
 # -- 2. eSignet's WLA token profile --------------------------------------------------------------
 
 
-def inji_claims(sub: str, *, iat_offset: int = 0) -> dict[str, Any]:
-    """What Inji's QrLoginServices signs: iss, sub, aud, iat, exp = iat + 18000, no jti."""
-    iat = int(time.time()) + iat_offset
+def inji_claims(sub: str, *, iat_offset: int = 0, now: int | None = None) -> dict[str, Any]:
+    """What Inji's QrLoginServices signs: iss, sub, aud, iat, exp = iat + 18000, no jti.
+
+    RS256 is deterministic: two tokens with the same claims are the same token (a replay). A test that
+    makes several passes one ``now`` and distinct offsets, so that a second boundary cannot merge two."""
+    iat = (int(time.time()) if now is None else now) + iat_offset
     return {"iss": "inji-wallet", "sub": sub, "aud": INJI_AUDIENCE, "iat": iat, "exp": iat + INJI_LIFETIME_SECONDS}
 
 
-def inji_token(wallet: Wallet, sub: str | None = None, *, iat_offset: int = 0, **changes: Any) -> str:
-    body = inji_claims(sub or wallet.person.individual_id, iat_offset=iat_offset)
+def inji_token(
+    wallet: Wallet, sub: str | None = None, *, iat_offset: int = 0, now: int | None = None, **changes: Any
+) -> str:
+    body = inji_claims(sub or wallet.person.individual_id, iat_offset=iat_offset, now=now)
     body.update(changes)
     body = {k: v for k, v in body.items() if v is not None}
     return sign(wallet.private, "RS256", wallet.thumbprint, body)
@@ -466,20 +471,26 @@ def test_a_psut_issued_before_aliases_never_changes(ekb: RunningServer) -> None:
 def test_a_wallet_token_may_name_the_individual_by_any_active_id(ekb: RunningServer) -> None:
     uin, vid = with_vid(ekb)
     wallet = bind(ekb, uin, "rsa-2048", ESIGNET_PARTNER)
-    assert verify(ekb, inji_token(wallet, uin.individual_id), vid.individual_id, partner=ESIGNET_PARTNER).valid
-    assert verify(ekb, inji_token(wallet, vid.individual_id), uin.individual_id, partner=ESIGNET_PARTNER).valid
+    now = int(time.time())
+    assert verify(ekb, inji_token(wallet, uin.individual_id, now=now), vid.individual_id, partner=ESIGNET_PARTNER).valid
+    assert verify(ekb, inji_token(wallet, vid.individual_id, now=now), uin.individual_id, partner=ESIGNET_PARTNER).valid
     assert verify(
-        ekb, inji_token(wallet, vid.individual_id, iat_offset=-1), vid.individual_id, partner=ESIGNET_PARTNER
+        ekb, inji_token(wallet, vid.individual_id, iat_offset=-1, now=now), vid.individual_id, partner=ESIGNET_PARTNER
     ).valid
     stranger = register(ekb)
     f = failure(
-        lambda: verify(ekb, inji_token(wallet, stranger.individual_id), uin.individual_id, partner=ESIGNET_PARTNER)
+        lambda: verify(
+            ekb, inji_token(wallet, stranger.individual_id, now=now), uin.individual_id, partner=ESIGNET_PARTNER
+        )
     )
     assert (f.code, f.reason) == (UNAUTHENTICATED, "invalid_token_subject")
     assert revoke_alias(ekb.app.service, ekb.app.store, alias_id=vid.individual_id, now=datetime.now(UTC))
     f = failure(
         lambda: verify(
-            ekb, inji_token(wallet, vid.individual_id, iat_offset=-2), uin.individual_id, partner=ESIGNET_PARTNER
+            ekb,
+            inji_token(wallet, vid.individual_id, iat_offset=-2, now=now),
+            uin.individual_id,
+            partner=ESIGNET_PARTNER,
         )
     )
     assert (f.code, f.reason) == (UNAUTHENTICATED, "invalid_token_subject")
