@@ -139,6 +139,7 @@ def build_app(settings: Settings) -> App:
         limit_store=store,
         audit_log=store,
         kbi=store,
+        aliases=store,
     )
     partners = PartnerAuthenticator(store, cache_seconds=settings.partner_cache_seconds)
     return App(settings, keys, store, service, partners)
@@ -499,6 +500,8 @@ def register_identity(
     normalised KBI attributes are stored."""
     check_identity(service, individual_id=individual_id, pin=pin, kbi=kbi)
     id_hmac = service.id_hmac(individual_id)
+    if service.resolve(individual_id) != id_hmac:
+        raise ValueError("this ID is an alias of a registered individual; revoke the alias first")
     pin_hmac = service.pin_hmac(id_hmac, pin) if pin is not None else None
     kbi_hmacs = service.kbi_hmacs(id_hmac, kbi) if kbi else None
     return store.upsert_identity(Identity(id_hmac, email or None, phone or None, name or None, pin_hmac), kbi=kbi_hmacs)

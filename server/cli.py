@@ -40,6 +40,10 @@ audit_app = typer.Typer(help="The hash-chained audit trail.", no_args_is_help=Tr
 app.add_typer(audit_app, name="audit")
 partners_app = typer.Typer(help="Binding partners and their API keys.", no_args_is_help=True)
 app.add_typer(partners_app, name="partners")
+alias_app = typer.Typer(
+    help="Aliases of an individual (a UIN, VIDs): any active one works as the ID.", no_args_is_help=True
+)
+identities_app.add_typer(alias_app, name="alias")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML config file (or $KEYBINDER_CONFIG).")]
 DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="State directory.", show_default=".keybinder")]
@@ -353,17 +357,23 @@ def _with_app(settings: Settings) -> Any:
 @identities_app.command("import")
 def identities_import(
     file: Annotated[
-        Path, typer.Argument(help='JSON array of {"individual_id","email","phone","pin","name","kbi":{field: answer}}.')
+        Path,
+        typer.Argument(
+            help='JSON array of {"individual_id","email","phone","pin","name","kbi":{field: answer},'
+            '"aliases":[{"id","type","expires_at"}]}.'
+        ),
     ],
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
     database_url: DbOpt = None,
     hsm_uri: HsmOpt = None,
 ) -> None:
-    """Import identities; the ID, PIN and KBI attributes are stored only as HSM-keyed HMACs."""
+    """Import identities; the ID, its aliases, the PIN and KBI attributes are stored only as HSM-keyed HMACs."""
+    from server.aliases import add_alias, check_alias, check_alias_free
     from server.app import check_identity, register_identity
     from server.audit import admin_event
     from server.errors import KeyBinderError
+    from server.ports import StoreConflict
 
     settings = _settings(config, data_dir, database_url, hsm_uri)
     try:
@@ -372,17 +382,19 @@ def identities_import(
         raise _fail(RuntimeError(f"cannot read {file}: {err}")) from err
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise _fail(RuntimeError("the file must hold a JSON array of objects"))
-    allowed = {"individual_id", "email", "phone", "pin", "name", "kbi"}
+    allowed = {"individual_id", "email", "phone", "pin", "name", "kbi", "aliases"}
     for index, entry in enumerate(entries):
         unknown = set(entry) - allowed
         if unknown or not isinstance(entry.get("individual_id"), str):
             raise _fail(RuntimeError(f"entry {index}: needs a string individual_id; unknown keys {sorted(unknown)}"))
-        for key in allowed - {"individual_id", "kbi"}:
+        for key in allowed - {"individual_id", "kbi", "aliases"}:
             if entry.get(key) is not None and not isinstance(entry[key], str):
                 raise _fail(RuntimeError(f"entry {index}: {key} must be a string"))
         kbi = entry.get("kbi")
         if kbi is not None and not (isinstance(kbi, dict) and all(isinstance(v, str) for v in kbi.values())):
             raise _fail(RuntimeError(f"entry {index}: kbi must be an object of field id to answer (strings)"))
+    import_now = datetime.now(UTC)
+    aliases = _import_aliases(entries, import_now)
     kb = _with_app(settings)
     added = updated = 0
     try:
@@ -392,6 +404,15 @@ def identities_import(
                 check_identity(
                     kb.service, individual_id=entry["individual_id"], pin=entry.get("pin"), kbi=entry.get("kbi")
                 )
+                if kb.service.resolve(entry["individual_id"]) != kb.service.id_hmac(entry["individual_id"]):
+                    raise ValueError("this ID is an alias of a registered individual; revoke the alias first")
+                for alias_id, alias_type, _ in aliases[index]:
+                    check_alias(
+                        kb.service, individual_id=entry["individual_id"], alias_id=alias_id, alias_type=alias_type
+                    )
+                    check_alias_free(
+                        kb.service, kb.store, individual_id=entry["individual_id"], alias_id=alias_id, now=import_now
+                    )
             except (KeyBinderError, ValueError) as err:
                 raise _fail(RuntimeError(f"entry {index}: {err}")) from err
         for index, entry in enumerate(entries):
@@ -406,7 +427,17 @@ def identities_import(
                     pin=entry.get("pin"),
                     kbi=entry.get("kbi"),
                 )
-            except (KeyBinderError, ValueError) as err:
+                for alias_id, alias_type, expires_at in aliases[index]:
+                    add_alias(
+                        kb.service,
+                        kb.store,
+                        individual_id=entry["individual_id"],
+                        alias_id=alias_id,
+                        alias_type=alias_type,
+                        expires_at=expires_at,
+                        now=import_now,
+                    )
+            except (KeyBinderError, ValueError, StoreConflict) as err:
                 raise _fail(RuntimeError(f"entry {index}: {err}")) from err
             added += new
             updated += not new
@@ -480,6 +511,146 @@ def _read_secret_line(prompt: str, *, strip: bool = True) -> str:
         return value.strip() if strip else value
     line = sys.stdin.readline().rstrip("\r\n")
     return line.strip() if strip else line
+
+
+def _import_aliases(entries: list[dict[str, Any]], now: datetime) -> list[list[tuple[str, str, datetime | None]]]:
+    """Each entry's aliases as (id, type, expiry), their shape checked; no alias twice in one file."""
+    from server.aliases import parse_expiry
+
+    seen = {e["individual_id"] for e in entries}
+    result: list[list[tuple[str, str, datetime | None]]] = []
+    for index, entry in enumerate(entries):
+        given = entry.get("aliases") or []
+        if not isinstance(given, list):
+            raise _fail(RuntimeError(f"entry {index}: aliases must be an array"))
+        parsed: list[tuple[str, str, datetime | None]] = []
+        for alias in given:
+            if (
+                not isinstance(alias, dict)
+                or set(alias) - {"id", "type", "expires_at"}
+                or not isinstance(alias.get("id"), str)
+                or not isinstance(alias.get("type"), str)
+                or not isinstance(alias.get("expires_at"), str | None)
+            ):
+                raise _fail(RuntimeError(f'entry {index}: an alias is {{"id", "type", "expires_at"}} (strings)'))
+            if alias["id"] in seen:
+                raise _fail(RuntimeError(f"entry {index}: an alias appears twice, or is also an individual_id"))
+            seen.add(alias["id"])
+            try:
+                parsed.append((alias["id"], alias["type"], parse_expiry(alias.get("expires_at"), now)))
+            except ValueError as err:
+                raise _fail(RuntimeError(f"entry {index}: {err}")) from err
+        result.append(parsed)
+    return result
+
+
+@alias_app.command("add")
+def alias_add(
+    individual_id: Annotated[str, typer.Argument(help="The individual's canonical ID.")],
+    alias_id: Annotated[str, typer.Argument(help="The alias, e.g. a VID.")],
+    alias_type: Annotated[str, typer.Option("--type", help="UIN, VID or another upper-case word.")] = "VID",
+    expires_at: Annotated[
+        str | None, typer.Option("--expires-at", help="ISO 8601 time with zone [default: never].")
+    ] = None,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+    hsm_uri: HsmOpt = None,
+) -> None:
+    """Give a registered individual an alias: any request may name them by it until it expires or is revoked."""
+    from server.aliases import add_alias, parse_expiry
+    from server.audit import admin_event, id_hmac_subject
+    from server.errors import KeyBinderError
+    from server.ports import BackendUnavailable, StoreConflict
+
+    settings = _settings(config, data_dir, database_url, hsm_uri)
+    now = datetime.now(UTC)
+    try:
+        expiry = parse_expiry(expires_at, now)
+    except ValueError as err:
+        raise _fail(err) from err
+    kb = _with_app(settings)
+    try:
+        alias = add_alias(
+            kb.service,
+            kb.store,
+            individual_id=individual_id,
+            alias_id=alias_id,
+            alias_type=alias_type,
+            expires_at=expiry,
+            now=now,
+        )
+        _audit_admin(kb.store, admin_event(now, "alias_add", subject=id_hmac_subject(alias.id_hmac)))
+    except (KeyBinderError, ValueError, StoreConflict, BackendUnavailable) as err:
+        raise _fail(err) from err
+    finally:
+        kb.close()
+    typer.echo(f"added {alias_type} alias")
+
+
+@alias_app.command("revoke")
+def alias_revoke(
+    alias_id: Annotated[str, typer.Argument(help="The alias to revoke (it is never usable again).")],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+    hsm_uri: HsmOpt = None,
+) -> None:
+    """Revoke an alias for good: from now on it answers exactly like an unknown ID."""
+    from server.aliases import revoke_alias
+    from server.audit import admin_event
+    from server.errors import KeyBinderError
+    from server.ports import BackendUnavailable
+
+    settings = _settings(config, data_dir, database_url, hsm_uri)
+    now = datetime.now(UTC)
+    kb = _with_app(settings)
+    try:
+        found = revoke_alias(kb.service, kb.store, alias_id=alias_id, now=now)
+        if found:
+            _audit_admin(kb.store, admin_event(now, "alias_revoke"))
+    except (KeyBinderError, ValueError, BackendUnavailable) as err:
+        raise _fail(err) from err
+    finally:
+        kb.close()
+    if not found:
+        raise _fail(RuntimeError("no such alias, or it is revoked already"))
+    typer.echo("revoked")
+
+
+@alias_app.command("list")
+def alias_list(
+    individual_id: Annotated[str, typer.Argument(help="The individual's canonical ID.")],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+    hsm_uri: HsmOpt = None,
+) -> None:
+    """The individual's aliases: type, state, expiry and a reference (a prefix of the HMAC, never the ID)."""
+    from server.aliases import aliases_of
+    from server.errors import KeyBinderError
+    from server.ports import BackendUnavailable
+
+    settings = _settings(config, data_dir, database_url, hsm_uri)
+    now = datetime.now(UTC)
+    kb = _with_app(settings)
+    try:
+        found = aliases_of(kb.service, kb.store, individual_id=individual_id)
+    except (KeyBinderError, ValueError, BackendUnavailable) as err:
+        raise _fail(err) from err
+    finally:
+        kb.close()
+
+    def when(t: datetime | None) -> str:
+        return f"{t:%Y-%m-%dT%H:%M:%SZ}" if t is not None else "-"
+
+    rows = [("TYPE", "STATE", "EXPIRES", "CREATED", "REF")]
+    rows += [
+        (a.alias_type, a.state_at(now), when(a.expires_at), when(a.created_at), a.alias_hmac.hex()[:12]) for a in found
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 def _audit_rows(store: Store) -> Iterator[AuditRow]:

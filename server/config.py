@@ -23,12 +23,15 @@ from server.auth import DEFAULT_CHALLENGE_FACTORS, DEFAULT_CHALLENGE_RULES, REGI
 from server.limits import Limits, RateRule
 from server.notifiers import read_secret
 from server.notifiers.webhook import check_webhook_url
+from server.otp import DEFAULT_OTP_LENGTH, MAX_OTP_LENGTH, MIN_OTP_LENGTH
 from server.policy import DEFAULT_INDIVIDUAL_ID_FIELD, DEFAULT_INDIVIDUAL_ID_PATTERN, KbiField, Policy
 from server.stores import check_url, is_postgres, sqlite_path
 
 DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 DEFAULT_TOKEN = "keybinder"  # noqa: S105 - a token label, not a secret
 DEFAULT_ISSUER_LABEL = "keybinder-issuer"
+KeyType = Literal["EC-P256", "EC-P384", "RSA", "Ed25519"]
+WlaProfile = Literal["strict", "esignet"]
 
 
 class KbiFieldSetting(BaseModel):
@@ -66,6 +69,12 @@ class Settings(BaseSettings):
     cert_validity_days: int = Field(365, ge=1, le=3650, description="Validity of wallet certificates.")
     otp_ttl_seconds: int = Field(180, ge=10, le=3600, description="How long an OTP stays usable.")
     otp_max_attempts: int = Field(3, ge=1, le=10, description="Verification attempts per OTP.")
+    otp_alphabet: Literal["digits", "alphanumeric"] = Field(
+        "digits", description="OTP characters: digits (what Inji accepts) or alphanumeric (A-Z0-9)."
+    )
+    otp_length: int = Field(
+        DEFAULT_OTP_LENGTH, ge=MIN_OTP_LENGTH, le=MAX_OTP_LENGTH, description="Characters in an OTP."
+    )
     bind_auth_factor_types: list[str] = Field(["WLA"], description="Factors a wallet key may be bound for.")
     challenge_factors: list[str] = Field(
         list(DEFAULT_CHALLENGE_FACTORS),
@@ -89,6 +98,25 @@ class Settings(BaseSettings):
     wla_audience: str = Field("keybinder", min_length=1, description="aud a WLA token must carry by default.")
     wla_skew_seconds: int = Field(30, ge=0, le=600, description="Clock skew allowed on WLA iat/exp.")
     wla_max_lifetime_seconds: int = Field(300, ge=10, le=86400, description="Largest exp - iat of a WLA token.")
+    wla_profile: WlaProfile = Field("strict", description="WLA token profile for partners not listed below.")
+    wla_profile_by_partner: dict[str, WlaProfile] = Field(
+        {}, description="Per-partner WLA token profile, e.g. {esignet = 'esignet'}."
+    )
+    wla_esignet_audience: str = Field(
+        "esignet-binding", min_length=1, description="Default aud under the esignet profile (eSignet's audience-id)."
+    )
+    wla_esignet_skew_seconds: int = Field(60, ge=0, le=600, description="Clock skew under the esignet profile.")
+    wla_esignet_max_lifetime_seconds: int = Field(
+        18000, ge=10, le=86400, description="Largest exp - iat under the esignet profile (Inji: 18000)."
+    )
+    allowed_key_types: list[KeyType] = Field(
+        ["EC-P256", "EC-P384", "RSA", "Ed25519"],
+        min_length=1,
+        description="Wallet key types partners not listed below may bind.",
+    )
+    allowed_key_types_by_partner: dict[str, list[KeyType]] = Field(
+        {}, description="Per-partner wallet key types, e.g. {esignet = ['RSA']}."
+    )
     proof_of_possession: Literal["off", "optional", "required"] = Field(
         "optional", description="Proof-of-possession policy for partners not listed below."
     )
@@ -253,6 +281,14 @@ class Settings(BaseSettings):
     def _database_url(cls, value: str) -> str:
         return check_url(value) if value else value
 
+    @field_validator("allowed_key_types_by_partner")
+    @classmethod
+    def _some_key_type(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        empty = sorted(partner for partner, types in value.items() if not types)
+        if empty:
+            raise ValueError(f"allowed_key_types_by_partner names no key type for {empty}")
+        return value
+
     @field_validator("individual_id_pattern")
     @classmethod
     def _regex(cls, value: str) -> str:
@@ -359,6 +395,17 @@ class Settings(BaseSettings):
             wla_audience=self.wla_audience,
             wla_skew_seconds=self.wla_skew_seconds,
             wla_max_lifetime_seconds=self.wla_max_lifetime_seconds,
+            otp_alphabet=self.otp_alphabet,
+            otp_length=self.otp_length,
+            wla_profile=self.wla_profile,
+            wla_profile_by_partner=tuple(sorted(self.wla_profile_by_partner.items())),
+            wla_esignet_audience=self.wla_esignet_audience,
+            wla_esignet_skew_seconds=self.wla_esignet_skew_seconds,
+            wla_esignet_max_lifetime_seconds=self.wla_esignet_max_lifetime_seconds,
+            allowed_key_types=frozenset(self.allowed_key_types),
+            allowed_key_types_by_partner=tuple(
+                sorted((p, frozenset(types)) for p, types in self.allowed_key_types_by_partner.items())
+            ),
             proof_of_possession=self.proof_of_possession,
             proof_of_possession_by_partner=tuple(sorted(self.proof_of_possession_by_partner.items())),
             limits=self.limits(),

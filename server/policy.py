@@ -15,6 +15,11 @@ from server.wla import TokenRules
 
 PARTNER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 DEFAULT_INDIVIDUAL_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}"
+#: Every wallet key type KeyBinder accepts, by the name the settings use (server/keytypes.py).
+KEY_TYPES: tuple[str, ...] = ("EC-P256", "EC-P384", "RSA", "Ed25519")
+#: OTPs of digits by default: Inji's OTP box takes digits only (server/otp.py).
+DEFAULT_OTP_ALPHABET = "digits"
+DEFAULT_OTP_LENGTH = 6
 
 
 #: KBI is not on by default: it needs kbi_fields configured and every individual's attributes enrolled.
@@ -65,6 +70,9 @@ class Policy:
 
     otp_ttl_seconds: int = 180
     otp_max_attempts: int = 3
+    #: digits (what Inji's OTP box accepts) or alphanumeric (A-Z0-9), `otp_length` characters.
+    otp_alphabet: str = DEFAULT_OTP_ALPHABET
+    otp_length: int = DEFAULT_OTP_LENGTH
     cert_validity_days: int = 365
     bind_auth_factor_types: frozenset[str] = frozenset({"WLA"})
     challenge_factors: frozenset[str] = frozenset(DEFAULT_CHALLENGE_FACTORS)
@@ -78,6 +86,17 @@ class Policy:
     wla_audience: str = "keybinder"
     wla_skew_seconds: int = 30
     wla_max_lifetime_seconds: int = 300
+    #: strict / esignet, per partner; partners not listed get the default (see docs/esignet.md).
+    wla_profile: str = "strict"
+    wla_profile_by_partner: tuple[tuple[str, str], ...] = ()
+    #: The esignet profile's rules: eSignet's `mosip.esignet.binding.audience-id` default, Nimbus's default
+    #: clock skew, and Inji's token lifetime (exp = iat + 18000) as the cap.
+    wla_esignet_audience: str = "esignet-binding"
+    wla_esignet_skew_seconds: int = 60
+    wla_esignet_max_lifetime_seconds: int = 18000
+    #: Wallet key types a partner may bind (KEY_TYPES names); partners not listed get the default.
+    allowed_key_types: frozenset[str] = frozenset(KEY_TYPES)
+    allowed_key_types_by_partner: tuple[tuple[str, frozenset[str]], ...] = ()
     #: off / optional / required, per partner; partners not listed get the default.
     proof_of_possession: str = "optional"
     proof_of_possession_by_partner: tuple[tuple[str, str], ...] = ()
@@ -92,4 +111,23 @@ class Policy:
 
     @property
     def wla_rules(self) -> TokenRules:
+        """The strict profile's rules."""
         return TokenRules(self.wla_audience, self.wla_skew_seconds, self.wla_max_lifetime_seconds)
+
+    def wla_profile_of(self, partner_id: str) -> str:
+        return dict(self.wla_profile_by_partner).get(partner_id, self.wla_profile)
+
+    def wla_rules_for(self, partner_id: str, audience: str = "") -> TokenRules:
+        """The partner's profile's rules; ``audience`` (a request's expected audience) replaces its default."""
+        if self.wla_profile_of(partner_id) == "esignet":
+            return TokenRules(
+                audience or self.wla_esignet_audience,
+                self.wla_esignet_skew_seconds,
+                self.wla_esignet_max_lifetime_seconds,
+                require_jti=False,
+                required_text_claims=("iss",),
+            )
+        return TokenRules(audience or self.wla_audience, self.wla_skew_seconds, self.wla_max_lifetime_seconds)
+
+    def key_types_for(self, partner_id: str) -> frozenset[str]:
+        return dict(self.allowed_key_types_by_partner).get(partner_id, self.allowed_key_types)

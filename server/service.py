@@ -18,10 +18,11 @@ from typing import ParamSpec, TypeVar
 
 from cryptography import x509
 
+from server.aliases import AliasStore
 from server.audit import AuditEvent, Outcome, individual_event, partner_event, psut_subject
 from server.auth import Attempt, AuthContext, Challenge, Factors
 from server.auth.kbi import enrolment_hmacs
-from server.auth.otp import MAC_OTP, OTP_LENGTH
+from server.auth.otp import MAC_OTP
 from server.auth.pin import MAC_PIN
 from server.auth.wla import verify_wallet_token
 from server.certs import Issuer, issue_wallet_certificate, to_pem, x5t_s256
@@ -47,7 +48,9 @@ from server.errors import (
 )
 from server.issuers import published_certificates, published_chains, rotation_due, signing_issuer
 from server.jwk import WalletPublicKey, parse_wallet_jwk
+from server.keytypes import check_key_type
 from server.limits import seconds_until
+from server.otp import new_otp
 from server.policy import PARTNER_ID_PATTERN, Policy
 from server.ports import (
     AuditLog,
@@ -70,13 +73,12 @@ from server.ports import (
     RateLimited,
     ReplayCache,
 )
-from server.wla import TokenRules, VerifiedToken, verify_possession
+from server.wla import VerifiedToken, verify_possession
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 P = ParamSpec("P")
 
-OTP_ALPHABET = string.ascii_uppercase + string.digits
 REVOCATION_REASON_PATTERN = re.compile(r"[\x20-\x7e]{1,200}")
 #: Bounds on an individual ID whatever the configured pattern admits: it is hashed, logged nowhere, and
 #: must not carry control characters or be a vehicle for megabytes.
@@ -92,7 +94,10 @@ ACTION_REVOKE = "revoke_binding"
 
 # MAC purposes: one HSM key, one label per meaning (each factor's own in its module under server/auth/).
 MAC_ID = "individual-id"
+#: The PSUT as it was computed before aliases: over the raw ID the request named. Kept only in the
+#: bindings made then (see `_psut`); new PSUTs are keyed by the canonical ID-HMAC (MAC_PSUT_INDIVIDUAL).
 MAC_PSUT = "psut"
+MAC_PSUT_INDIVIDUAL = "psut-individual"
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +185,7 @@ class KeyBinderService:
         limit_store: LimitStore,
         audit_log: AuditLog,
         kbi: KbiStore,
+        aliases: AliasStore,
     ) -> None:
         self.policy = policy
         self.clock = clock
@@ -194,6 +200,7 @@ class KeyBinderService:
         self.nonces = nonces
         self.limit_store = limit_store
         self.audit_log = audit_log
+        self.aliases = aliases
         self._id_pattern = re.compile(policy.individual_id_pattern)
         self.factors = Factors(
             AuthContext(
@@ -203,7 +210,9 @@ class KeyBinderService:
                 bindings,
                 replay,
                 kbi,
-                policy.wla_rules,
+                policy.wla_rules_for,
+                self._same_individual,
+                policy.otp_length,
                 policy.kbi_fields,
                 policy.kbi_individual_id_field,
             ),
@@ -231,6 +240,42 @@ class KeyBinderService:
     @backend_errors
     def id_hmac(self, individual_id: str) -> bytes:
         return self.hasher.mac(MAC_ID, individual_id)
+
+    @backend_errors
+    def resolve(self, individual_id: str) -> bytes:
+        """The canonical ID-HMAC of the individual ``individual_id`` names (their own ID or an active alias).
+
+        Anything else (unknown, revoked or expired alias) is its own HMAC, as an unknown ID always was: one
+        HMAC and one query either way, so a revoked alias and an unknown ID cost the same and go on alike.
+        """
+        own = self.hasher.mac(MAC_ID, individual_id)
+        return self.aliases.resolve_individual(own, self.clock.now()) or own
+
+    def _same_individual(self, individual_id: str) -> Callable[[str], bool]:
+        """A test of a WLA token's sub: the request's ID, or another active ID of the same individual."""
+
+        def same(sub: str) -> bool:
+            # The token may name the individual by another of their IDs (a UIN where the request has a VID).
+            if sub == individual_id:
+                return True
+            try:
+                self.check_individual_id(sub)
+            except InvalidIndividualIdError:
+                return False
+            return hmac.compare_digest(self.resolve(sub), self.resolve(individual_id))
+
+        return same
+
+    def _psut(self, id_hmac: bytes, partner_id: str) -> str:
+        """The individual's PSUT for the partner, whichever of their IDs the request named.
+
+        A PSUT issued before aliases existed (an HMAC of the raw ID, which is not stored) is read from the
+        individual's first binding with the partner, so it never changes; a pair that has never been bound
+        gets one keyed by the canonical ID-HMAC: the same through every alias, unlinkable across partners.
+        """
+        return self.aliases.partner_psut(id_hmac, partner_id) or b64url(
+            self.hasher.mac(MAC_PSUT_INDIVIDUAL, partner_id, id_hmac)
+        )
 
     @backend_errors
     def pin_hmac(self, id_hmac: bytes, pin: str) -> bytes:
@@ -308,7 +353,7 @@ class KeyBinderService:
             raise TooManyAttemptsError(
                 "this partner has requested too many OTPs; retry later", retry_after_seconds=wait
             )
-        id_hmac = trail.id_hmac = self.id_hmac(individual_id)
+        id_hmac = trail.id_hmac = self.resolve(individual_id)
         identity = self.identities.get_identity(id_hmac)
         if identity is None:
             raise SendOtpFailedError("cannot send an OTP to this individual")
@@ -316,7 +361,7 @@ class KeyBinderService:
 
         now = self.clock.now()
         transaction_id = secrets.token_urlsafe(24)
-        otp = "".join(secrets.choice(OTP_ALPHABET) for _ in range(OTP_LENGTH))
+        otp = new_otp(self.policy.otp_alphabet, self.policy.otp_length)
         record = OtpRecord(
             transaction_id=transaction_id,
             id_hmac=id_hmac,
@@ -417,16 +462,18 @@ class KeyBinderService:
                 f"bind_auth_factor_type must be one of {sorted(self.policy.bind_auth_factor_types)}"
             )
         wallet = parse_wallet_jwk(public_key_jwk)
+        # Decided before any challenge is looked at: a key the partner may not bind spends no OTP attempt.
+        check_key_type(wallet.public_key, self.policy.key_types_for(partner_id))
         # The proof's shape and signature need no secret: check them before any attempt is counted.
         pop_nonce = self._proof_nonce(proof_of_possession, wallet.public_key, partner_id)
 
-        id_hmac = trail.id_hmac = self.id_hmac(individual_id)
+        id_hmac = trail.id_hmac = self.resolve(individual_id)
         identity, locked_until = self.limit_store.identity_and_lock(id_hmac)
         self._check_lockout(locked_until)
         consumed_otp = self._verify_counted(trail, identity, individual_id, id_hmac, partner_id, challenges)
         consumed_nonce = self._check_nonce(pop_nonce, id_hmac, partner_id, consumed_otp)
 
-        psut = b64url(self.hasher.mac(MAC_PSUT, partner_id, individual_id))
+        psut = self._psut(id_hmac, partner_id)
         now = self.clock.now()
         issuer = self._active_issuer(now)
         try:
@@ -578,9 +625,6 @@ class KeyBinderService:
         trail: _Trail | None = None,
     ) -> tuple[Binding, VerifiedToken]:
         """All WLA rules, in order (server/auth/wla.py); raises the precise error. The jti is claimed last."""
-        rules = self.policy.wla_rules
-        if audience != rules.audience:
-            rules = TokenRules(audience, rules.skew_seconds, rules.max_lifetime_seconds)
         return verify_wallet_token(
             self.bindings,
             self.replay,
@@ -590,7 +634,8 @@ class KeyBinderService:
             id_hmac=id_hmac,
             partner_id=partner_id,
             factor=factor,
-            rules=rules,
+            rules=self.policy.wla_rules_for(partner_id, audience),
+            subject=self._same_individual(individual_id),
             audit=(lambda b: self._event(trail, Outcome.SUCCESS, subject=psut_subject(b.psut)))
             if trail is not None
             else None,
@@ -614,11 +659,12 @@ class KeyBinderService:
         trail.partner_id = self.check_partner(partner_id)
         self.check_individual_id(individual_id)
         factor = self._factor(factor)
-        audience = expected_audience or self.policy.wla_audience
-        if len(audience) > 256:
+        if len(expected_audience) > 256:
             raise InvalidWlaTokenError("expected_audience is too long")
-        id_hmac = trail.id_hmac = self.id_hmac(individual_id)
-        binding, verified = self._verify_wla(token, individual_id, id_hmac, partner_id, factor, audience, trail)
+        id_hmac = trail.id_hmac = self.resolve(individual_id)
+        binding, verified = self._verify_wla(
+            token, individual_id, id_hmac, partner_id, factor, expected_audience, trail
+        )
         return WalletTokenResult(
             psut=binding.psut,
             thumbprint=binding.cert_thumbprint,
@@ -661,7 +707,7 @@ class KeyBinderService:
         factor = self._factor(factor)
         if not REVOCATION_REASON_PATTERN.fullmatch(reason):
             raise InvalidRevocationReasonError("reason must be 1 to 200 printable characters")
-        id_hmac = trail.id_hmac = self.id_hmac(individual_id)
+        id_hmac = trail.id_hmac = self.resolve(individual_id)
         identity, locked_until = self.limit_store.identity_and_lock(id_hmac)
         self._check_lockout(locked_until)
         consumed_otp = self._verify_counted(trail, identity, individual_id, id_hmac, partner_id, challenges)
@@ -703,7 +749,7 @@ class KeyBinderService:
         self.check_individual_id(individual_id)
         nonce = secrets.token_urlsafe(24)
         expires = self.clock.now() + timedelta(seconds=self.policy.otp_ttl_seconds)
-        self.nonces.create_nonce(nonce, self.id_hmac(individual_id), partner_id, expires)
+        self.nonces.create_nonce(nonce, self.resolve(individual_id), partner_id, expires)
         return nonce, expires
 
     # -- GetIssuerCertificates ------------------------------------------------------------

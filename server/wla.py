@@ -3,13 +3,18 @@
 joserfc parses and verifies the JWS; the rules eSignet's validator leaves out are enforced
 here, each failure with its own reason: x5t#S256 required and compared, alg tied to the key
 type, sub/aud/iat/exp/jti required, a bounded lifetime, and (by the caller) single-use jti.
+Two profiles (`TokenRules`): ``strict`` as above, and ``esignet`` for the tokens eSignet's own
+validator accepts and Inji signs (iss required, jti optional, hours-long lifetime); single use
+holds in both, a token without jti being its own replay key (`replay_key`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -42,11 +47,19 @@ ALLOWED_ALGS = frozenset({"RS256", "PS256", "ES256", "ES384", "EdDSA", "Ed25519"
 _UNDERSTOOD_CRIT: frozenset[str] = frozenset()
 
 
+#: The WLA token profiles an operator picks per partner (`wla_profile`, `wla_profile_by_partner`).
+WLA_PROFILES = ("strict", "esignet")
+
+
 @dataclass(frozen=True, slots=True)
 class TokenRules:
     audience: str
     skew_seconds: int = 30
     max_lifetime_seconds: int = 300
+    #: strict: a jti is required. esignet: optional (Inji sends none); single use then rests on `replay_key`.
+    require_jti: bool = True
+    #: Claims that must be non-empty strings besides sub and aud (esignet: iss, as eSignet's validator).
+    required_text_claims: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,15 +154,30 @@ def _number(claims: dict[str, Any], name: str) -> float:
     return number
 
 
-def check_claims(payload: bytes, *, subject: str, rules: TokenRules, now: datetime) -> VerifiedToken:
-    """sub, aud, iat, exp (bounded lifetime), nbf and jti, with the configured clock skew."""
+def replay_key(token: str) -> str:
+    """What makes a token without a jti single-use: the SHA-256 of its signing input (header and payload).
+
+    Not of the whole token: an ECDSA signature can be re-encoded (s -> n - s) and a PSS or EdDSA signer
+    may sign the same claims again with another signature; neither must make a used token new again.
+    """
+    signing_input = token.rpartition(".")[0].encode("ascii")
+    return "sha256:" + hashlib.sha256(signing_input).hexdigest()
+
+
+def check_claims(
+    payload: bytes, *, subject: str | Callable[[str], bool], rules: TokenRules, now: datetime
+) -> VerifiedToken:
+    """sub, aud, iat, exp (bounded lifetime), nbf and jti, with the configured clock skew.
+
+    ``subject`` is the expected sub, or a test of it (the request's individual or one of its aliases)."""
     try:
         claims = json.loads(payload)
     except (ValueError, RecursionError) as err:
         raise InvalidWlaTokenError("the token payload is not JSON") from err
     if not isinstance(claims, dict):
         raise InvalidWlaTokenError("the token payload must be a JSON object")
-    if claims.get("sub") != subject:
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not (subject(sub) if callable(subject) else sub == subject):
         raise InvalidTokenSubjectError("the token subject is not this individual")
     aud = claims.get("aud")
     audiences = aud if isinstance(aud, list) else [aud]
@@ -168,11 +196,15 @@ def check_claims(payload: bytes, *, subject: str, rules: TokenRules, now: dateti
         raise TokenExpiredError("the token has expired")
     if iat + rules.max_lifetime_seconds + skew < now_s:
         raise TokenExpiredError("the token was issued too long ago")
+    for name in rules.required_text_claims:
+        value = claims.get(name)
+        if not isinstance(value, str) or not value:
+            raise InvalidWlaTokenError(f"the token must carry a non-empty {name} claim")
     jti = claims.get("jti")
-    if not isinstance(jti, str) or not jti or len(jti) > MAX_JTI_CHARS:
+    if (jti is not None or rules.require_jti) and (not isinstance(jti, str) or not jti or len(jti) > MAX_JTI_CHARS):
         raise InvalidWlaTokenError(f"the token must carry a jti of 1 to {MAX_JTI_CHARS} characters")
     return VerifiedToken(
-        jti=jti,
+        jti=jti if isinstance(jti, str) else "",
         issued_at=datetime.fromtimestamp(iat, UTC),
         expires_at=datetime.fromtimestamp(exp, UTC) + timedelta(seconds=skew),
         claims=claims,

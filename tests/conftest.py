@@ -279,8 +279,10 @@ def unregistered() -> Person:
 
 
 def other_otp(otp: str) -> str:
-    """A well-formed OTP that differs from ``otp``."""
-    return ("A" if otp[0] != "A" else "B") + otp[1:]
+    """A well-formed OTP of the same alphabet that differs from ``otp``."""
+    first = otp[0]
+    other = str((int(first) + 1) % 10) if first.isdigit() else ("A" if first != "A" else "B")
+    return other + otp[1:]
 
 
 def other_pin(pin: str) -> str:

@@ -11,6 +11,7 @@ import json
 import logging
 import secrets
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -54,7 +55,15 @@ class World:
         kbi = enrolment_hmacs(self.hasher, FIELDS, self.id_hmac, {"dob": "1990-04-01", "fullName": "Zoë  Müller"})
         self.store.upsert_identity(self.identity, kbi=kbi)
         self.ctx = AuthContext(
-            self.hasher, self.clock, self.store, self.store, self.store, self.store, TokenRules("unit"), FIELDS
+            self.hasher,
+            self.clock,
+            self.store,
+            self.store,
+            self.store,
+            self.store,
+            unit_rules,
+            exact_subject,
+            kbi_fields=FIELDS,
         )
 
     def attempt(self, *, known: bool = True) -> Attempt:
@@ -169,9 +178,17 @@ def wla_token(world: World, wallet: ec.EllipticCurvePrivateKey, thumbprint: str,
     return jws.serialize_compact(header, json.dumps(claims).encode(), ECKey.import_key(wallet), algorithms=["ES256"])
 
 
+def unit_rules(partner_id: str) -> TokenRules:
+    return TokenRules("unit")
+
+
+def exact_subject(individual_id: str) -> Callable[[str], bool]:
+    return lambda sub: sub == individual_id
+
+
 def test_wla_right_token_passes_once(world: World) -> None:
     wallet, thumbprint = bound_wallet(world)
-    wla = WlaFactor(world.store, world.store, world.clock, TokenRules("unit"))
+    wla = WlaFactor(world.store, world.store, world.clock, unit_rules, exact_subject)
     token = wla_token(world, wallet, thumbprint)
     assert wla.well_formed(token)
     assert wla.verify(world.attempt(), token).passed
@@ -180,7 +197,7 @@ def test_wla_right_token_passes_once(world: World) -> None:
 
 def test_wla_refusals_are_failures_with_the_reason_logged(world: World, caplog: pytest.LogCaptureFixture) -> None:
     wallet, thumbprint = bound_wallet(world)
-    wla = WlaFactor(world.store, world.store, world.clock, TokenRules("unit"))
+    wla = WlaFactor(world.store, world.store, world.clock, unit_rules, exact_subject)
     with caplog.at_level(logging.INFO, logger="server.auth.wla"):
         assert not wla.verify(world.attempt(), wla_token(world, wallet, thumbprint, sub="someone-else")).passed
         other = ec.generate_private_key(ec.SECP256R1())

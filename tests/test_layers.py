@@ -31,6 +31,9 @@ SERVICE_LAYER = {
     "server.auth.wla": "the WLA factor (a token signed by the bound wallet key)",
     "server.auth.kbi": "the KBI factor (knowledge-based answers)",
     "server.jwk": "wallet JWK validation",
+    "server.keytypes": "wallet key types by name, as operators allow them per partner",
+    "server.otp": "OTP alphabets and drawing a code",
+    "server.aliases": "an individual's aliases (UIN, VIDs): their port and the admin operations",
     "server.wla": "WLA token and proof-of-possession verification",
     "server.certs": "certificate profiles (the signer is any cryptography private key)",
     "server.issuers": "which issuer key signs and which are published",
@@ -202,7 +205,9 @@ def test_ports_domain_and_policy_sit_at_the_bottom() -> None:
     assert found == [], "\n".join(found)
 
 
-@pytest.mark.parametrize("module", ["server.service", "server.auth", "server.partners", "server.policy", "server.config"])
+@pytest.mark.parametrize(
+    "module", ["server.service", "server.auth", "server.partners", "server.policy", "server.config"]
+)
 def test_importing_a_service_module_loads_no_grpc(module: str) -> None:
     """The rule holds at run time too: nothing the module pulls in, transitively, loads grpc (or pkcs11)."""
     forbidden = ["grpc", "pkcs11"] if module != "server.config" else ["grpc"]

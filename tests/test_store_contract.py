@@ -20,6 +20,7 @@ import pytest
 from psycopg import sql
 from yoyo import get_backend, read_migrations
 
+from server.aliases import Alias, AliasConflict
 from server.audit import (
     ADMIN_CHAIN,
     GENESIS,
@@ -61,7 +62,7 @@ T0 = datetime(2031, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
 RACE_TIMEOUT_SECONDS = 30.0
 TABLES = (
     *("individuals", "otps", "bindings", "wallet_keys", "issuers", "wla_jtis", "binding_nonces"),
-    *("individual_limits", "partner_limits", "audit_log", "partners", "kbi_answers"),
+    *("individual_limits", "partner_limits", "audit_log", "partners", "kbi_answers", "individual_aliases"),
 )
 
 
@@ -217,6 +218,55 @@ CONTRACT_FLOWS: list[Callable[[Store], None]] = []
 def contract(fn: Callable[[Store], None]) -> Callable[[Store], None]:
     CONTRACT_FLOWS.append(fn)
     return fn
+
+
+# -- aliases (server/aliases.py) ---------------------------------------------------------------
+
+
+@contract
+def test_aliases_resolve_to_their_individual_until_revoked_or_expired(store: Store) -> None:
+    alice, bob, unknown = new_id(), new_id(), new_id()
+    for who in (alice, bob):
+        store.upsert_identity(Identity(who, None, None, None, None))
+    vid, uin, later = new_id(), new_id(), new_id()
+    store.add_alias(Alias(vid, alice, "VID", T0))
+    store.add_alias(Alias(uin, alice, "UIN", T0 + timedelta(seconds=1), expires_at=T0 + timedelta(days=1)))
+    assert store.resolve_individual(alice, T0) == alice
+    assert store.resolve_individual(vid, T0) == alice
+    assert store.resolve_individual(uin, T0) == alice
+    assert store.resolve_individual(unknown, T0) is None
+    # Expired: from its expiry on it resolves to nothing.
+    assert store.resolve_individual(uin, T0 + timedelta(days=1)) is None
+    # The same individual may change an active alias's type and expiry; another individual may not take it.
+    store.add_alias(Alias(vid, alice, "VID2", T0, expires_at=T0 + timedelta(days=30)))
+    with pytest.raises(AliasConflict):
+        store.add_alias(Alias(vid, bob, "VID", T0))
+    assert store.resolve_individual(vid, T0) == alice
+    # Revoked: for good, and never given out again (not even to the same individual).
+    assert store.revoke_alias(vid, T0 + timedelta(hours=1)) is True
+    assert store.revoke_alias(vid, T0 + timedelta(hours=2)) is False
+    assert store.resolve_individual(vid, T0) is None
+    with pytest.raises(AliasConflict):
+        store.add_alias(Alias(vid, alice, "VID", T0))
+    store.add_alias(Alias(later, bob, "VID", T0))
+    listed = store.aliases_of(alice)
+    assert [(a.alias_hmac, a.alias_type) for a in listed] == [(vid, "VID2"), (uin, "UIN")]
+    assert listed[0].revoked_at == T0 + timedelta(hours=1)
+    assert listed[0].expires_at == T0 + timedelta(days=30)
+    assert [a.state_at(T0 + timedelta(days=2)) for a in listed] == ["revoked", "expired"]
+    assert [a.alias_hmac for a in store.aliases_of(bob)] == [later]
+    assert store.count_rows("individual_aliases") == 3
+
+
+@contract
+def test_partner_psut_is_the_first_bindings(store: Store) -> None:
+    alice = new_id()
+    assert store.partner_psut(alice, PARTNER) is None
+    first = make_binding(alice)
+    store.commit_binding(first, consume_otp=None, now=T0)
+    store.commit_binding(replace(make_binding(alice), psut="another"), consume_otp=None, now=T0)
+    assert store.partner_psut(alice, PARTNER) == first.psut
+    assert store.partner_psut(alice, OTHER_PARTNER) is None
 
 
 # -- identities -------------------------------------------------------------------------------
@@ -1066,6 +1116,7 @@ NOT_SHARD_KEYED = {
     pg.SQL_BINDING_BY_THUMBPRINT: "lookup by certificate: the thumbprint does not reveal the id_hmac",
     pg.SQL_LATEST_BINDING_BY_PSUT: "lookup by PSUT: the PSUT does not reveal the id_hmac",
     pg.SQL_AUDIT_PAGE: "admin: `audit verify` and `audit export` walk every chain",
+    pg.SQL_RESOLVE_INDIVIDUAL: "alias resolution: individuals by id_hmac, individual_aliases by alias_hmac",
     **dict.fromkeys(pg.COUNT_SQL.values(), "admin row count"),
 }
 

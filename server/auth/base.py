@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -83,6 +84,10 @@ class AuthContext:
     bindings: BindingLookup
     replay: ReplayCache
     kbi_answers: KbiStore
-    wla_rules: TokenRules
+    #: The WLA rules of a partner's profile (strict or esignet).
+    wla_rules: Callable[[str], TokenRules]
+    #: A test of a WLA token's sub for a request naming ``individual_id``: the ID or another of its aliases.
+    same_individual: Callable[[str], Callable[[str], bool]]
+    otp_length: int = 6
     kbi_fields: tuple[KbiField, ...] = ()
     kbi_individual_id_field: str = "individualId"

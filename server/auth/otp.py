@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 import re
 from dataclasses import dataclass
@@ -11,10 +12,17 @@ from server.ports import Clock, KeyedHasher, OtpAttempts
 
 NAME = "OTP"
 FORMAT = "alpha-numeric"
+#: The default `otp_length`; the shape follows the configured length.
 OTP_LENGTH = 6
 #: MAC purpose of a stored OTP (one HSM key, one label per meaning).
 MAC_OTP = "otp"
-_SHAPE = re.compile(rf"[A-Za-z0-9]{{{OTP_LENGTH}}}")
+
+
+@functools.cache
+def _shape(length: int) -> re.Pattern[str]:
+    # Letters stay well-formed whatever the alphabet: the format is eSignet's alpha-numeric, and a wrong
+    # character is a wrong OTP (auth_failed), not a malformed request.
+    return re.compile(rf"[A-Za-z0-9]{{{length}}}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,11 +30,12 @@ class OtpFactor:
     hasher: KeyedHasher
     clock: Clock
     otps: OtpAttempts
+    length: int = OTP_LENGTH
     name: str = NAME
     format: str = FORMAT
 
     def well_formed(self, challenge: str) -> bool:
-        return _SHAPE.fullmatch(challenge) is not None
+        return _shape(self.length).fullmatch(challenge) is not None
 
     def verify(self, attempt: Attempt, challenge: str) -> Verdict:
         # Claimed for unknown individuals too: the attempt costs the same whoever is named.
@@ -40,4 +49,4 @@ class OtpFactor:
 
 
 def build(ctx: AuthContext) -> OtpFactor:
-    return OtpFactor(ctx.hasher, ctx.clock, ctx.otps)
+    return OtpFactor(ctx.hasher, ctx.clock, ctx.otps, ctx.otp_length)

@@ -24,7 +24,7 @@ from server.errors import (
     TokenReplayedError,
 )
 from server.ports import BindingLookup, Clock, ReplayCache
-from server.wla import TokenRules, VerifiedToken, check_claims, read_header, verify_signed
+from server.wla import TokenRules, VerifiedToken, check_claims, read_header, replay_key, verify_signed
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,14 @@ def verify_wallet_token(
     partner_id: str,
     factor: str,
     rules: TokenRules,
+    subject: Callable[[str], bool] | None = None,
     audit: Callable[[Binding], AuditEvent] | None = None,
 ) -> tuple[Binding, VerifiedToken]:
-    """All WLA rules, in order; raises the precise error. The jti is claimed last (with ``audit``'s entry)."""
+    """All WLA rules, in order; raises the precise error. The jti is claimed last (with ``audit``'s entry).
+
+    ``subject`` tests the token's sub (default: it must be ``individual_id``); a token without a jti (the esignet
+    profile) is single-use by the SHA-256 of its signing input.
+    """
     header = read_header(token)
     now = clock.now()
     active = bindings.active_binding(id_hmac, partner_id, factor)
@@ -66,9 +71,9 @@ def verify_wallet_token(
         raise BindingExpiredError("the binding's certificate has expired")
     cert = x509.load_pem_x509_certificate(active.certificate_pem.encode())
     payload = verify_signed(token, header.alg, cert)
-    verified = check_claims(payload, subject=individual_id, rules=rules, now=now)
+    verified = check_claims(payload, subject=subject or individual_id, rules=rules, now=now)
     entry = audit(active) if audit is not None else None
-    if not replay.claim_jti(id_hmac, verified.jti, verified.expires_at, now, audit=entry):
+    if not replay.claim_jti(id_hmac, verified.jti or replay_key(token), verified.expires_at, now, audit=entry):
         raise TokenReplayedError("this token has already been used")
     return active, verified
 
@@ -78,7 +83,8 @@ class WlaFactor:
     bindings: BindingLookup
     replay: ReplayCache
     clock: Clock
-    rules: TokenRules
+    rules: Callable[[str], TokenRules]
+    same_individual: Callable[[str], Callable[[str], bool]]
     name: str = NAME
     format: str = FORMAT
 
@@ -96,7 +102,8 @@ class WlaFactor:
                 id_hmac=attempt.id_hmac,
                 partner_id=attempt.partner_id,
                 factor=NAME,
-                rules=self.rules,
+                rules=self.rules(attempt.partner_id),
+                subject=self.same_individual(attempt.individual_id),
             )
         except KeyBinderError as err:
             if isinstance(err, BackendUnavailableError | KeyBindingFailedError):
@@ -107,4 +114,4 @@ class WlaFactor:
 
 
 def build(ctx: AuthContext) -> WlaFactor:
-    return WlaFactor(ctx.bindings, ctx.replay, ctx.clock, ctx.wla_rules)
+    return WlaFactor(ctx.bindings, ctx.replay, ctx.clock, ctx.wla_rules, ctx.same_individual)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+from server.aliases import AliasStore
 from server.domain import Binding
 from server.ports import (
     AuditLog,
@@ -32,6 +33,7 @@ class Store(
     LimitStore,
     AuditLog,
     PartnerStore,
+    AliasStore,
     Protocol,
 ):
     """Everything one backend module provides: every port, plus what operators and tests need."""

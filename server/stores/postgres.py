@@ -16,6 +16,7 @@ from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 from yoyo import get_backend, read_migrations
 
+from server.aliases import Alias, AliasConflict
 from server.audit import GENESIS, AuditEvent, AuditRow
 from server.domain import Binding, BindingStatus, Identity, IssuerRecord, OtpRecord, Partner, PendingIssuer
 from server.limits import FailureState, Limits, RateRule, Window, after_failure, seconds_until
@@ -37,7 +38,7 @@ LOCK_NAMESPACE: Final = 0x4B42
 
 TABLES: Final = (
     *("individuals", "otps", "bindings", "wallet_keys", "issuers", "wla_jtis", "binding_nonces"),
-    *("individual_limits", "partner_limits", "audit_log", "partners", "kbi_answers"),
+    *("individual_limits", "partner_limits", "audit_log", "partners", "kbi_answers", "individual_aliases"),
 )
 
 # -- SQL ------------------------------------------------------------------------------------
@@ -256,6 +257,33 @@ SQL_SET_PARTNER_CERTIFICATE: Final = (
 )
 
 # Admin and test helper only: whole-table counts fan out to every shard.
+# -- aliases (server/aliases.py) --
+# Every request resolves the ID it names with this one query, whatever the answer. individual_aliases is
+# distributed by alias_hmac (the value a request knows); the individuals probe filters by id_hmac. Both
+# probes take the same value, so on a distributed database this is two single-shard index probes.
+SQL_RESOLVE_INDIVIDUAL: Final = (
+    "SELECT id_hmac FROM individuals WHERE id_hmac = %s"
+    " UNION ALL SELECT id_hmac FROM individual_aliases"
+    " WHERE alias_hmac = %s AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > %s) LIMIT 1"
+)
+# Insert, or update the same individual's unrevoked alias; no row back means another individual's or revoked.
+SQL_UPSERT_ALIAS: Final = (
+    "INSERT INTO individual_aliases (alias_hmac, id_hmac, alias_type, created_at, expires_at)"
+    " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (alias_hmac) DO UPDATE SET alias_type = excluded.alias_type,"
+    " expires_at = excluded.expires_at"
+    " WHERE individual_aliases.id_hmac = excluded.id_hmac AND individual_aliases.revoked_at IS NULL"
+    " RETURNING alias_hmac"
+)
+SQL_REVOKE_ALIAS: Final = "UPDATE individual_aliases SET revoked_at = %s WHERE alias_hmac = %s AND revoked_at IS NULL"
+# Admin (`identities alias list`): by individual, so it fans out over the alias shards.
+SQL_ALIASES_OF: Final = (
+    "SELECT alias_hmac, id_hmac, alias_type, created_at, expires_at, revoked_at FROM individual_aliases"
+    " WHERE id_hmac = %s ORDER BY created_at, alias_hmac"
+)
+# The PSUT an individual already has with a partner (its first binding's), so that PSUTs issued before
+# aliases existed never change: single-shard.
+SQL_PARTNER_PSUT: Final = "SELECT psut FROM bindings WHERE id_hmac = %s AND partner_id = %s ORDER BY id LIMIT 1"
+
 COUNT_SQL: Final = {table: f"SELECT count(*) FROM {table}" for table in TABLES}  # noqa: S608 (fixed names)
 
 
@@ -860,6 +888,37 @@ class PostgresStore:
             return cur.rowcount == 1
 
         return self._run(work, write=True, retry_conflict=False)
+
+    # -- aliases (AliasStore) ---------------------------------------------------------------
+
+    def resolve_individual(self, id_hmac: bytes, now: datetime) -> bytes | None:
+        rows = self._read(SQL_RESOLVE_INDIVIDUAL, (id_hmac, id_hmac, now))
+        return bytes(rows[0][0]) if rows else None
+
+    def add_alias(self, alias: Alias) -> None:
+        a = alias
+
+        def work(cur: Cur) -> TupleRow | None:
+            cur.execute(SQL_UPSERT_ALIAS, (a.alias_hmac, a.id_hmac, a.alias_type, a.created_at, a.expires_at))
+            return cur.fetchone()
+
+        if self._run(work, write=True) is None:
+            raise AliasConflict("the alias is registered to another individual or was revoked")
+
+    def revoke_alias(self, alias_hmac: bytes, now: datetime) -> bool:
+        def work(cur: Cur) -> bool:
+            cur.execute(SQL_REVOKE_ALIAS, (now, alias_hmac))
+            return cur.rowcount == 1
+
+        return self._run(work, write=True)
+
+    def aliases_of(self, id_hmac: bytes) -> Sequence[Alias]:
+        rows = self._read(SQL_ALIASES_OF, (id_hmac,))
+        return [Alias(bytes(r[0]), bytes(r[1]), r[2], _utc(r[3]), _opt_utc(r[4]), _opt_utc(r[5])) for r in rows]
+
+    def partner_psut(self, id_hmac: bytes, partner_id: str) -> str | None:
+        rows = self._read(SQL_PARTNER_PSUT, (id_hmac, partner_id))
+        return str(rows[0][0]) if rows else None
 
 
 def _opt_utc(value: datetime | None) -> datetime | None:

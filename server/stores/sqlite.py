@@ -11,6 +11,7 @@ from pathlib import Path
 
 from yoyo import get_backend, read_migrations
 
+from server.aliases import Alias, AliasConflict
 from server.audit import GENESIS, AuditEvent, AuditRow, link_hash
 from server.domain import Binding, BindingStatus, Identity, IssuerRecord, OtpRecord, Partner, PendingIssuer
 from server.limits import FailureState, Limits, RateRule, Window, after_failure, seconds_until
@@ -19,7 +20,7 @@ from server.ports import KeyOwnedByOther, OtpAlreadyUsed, PartnerCertificateInUs
 BUSY_TIMEOUT_SECONDS = 5.0
 TABLES = frozenset(
     {"individuals", "otps", "bindings", "wallet_keys", "issuers", "wla_jtis", "binding_nonces"}
-    | {"individual_limits", "partner_limits", "audit_log", "partners", "kbi_answers"}
+    | {"individual_limits", "partner_limits", "audit_log", "partners", "kbi_answers", "individual_aliases"}
 )
 
 
@@ -614,7 +615,63 @@ class SqliteStore:
             )
             return cur.rowcount == 1
 
+    # -- aliases (AliasStore) ---------------------------------------------------------------
 
+    def resolve_individual(self, id_hmac: bytes, now: datetime) -> bytes | None:
+        rows = self._query(SQL_RESOLVE_INDIVIDUAL, (id_hmac, id_hmac, ts(now)))
+        return bytes(rows[0][0]) if rows else None
+
+    def add_alias(self, alias: Alias) -> None:
+        with self._tx() as conn:
+            row = conn.execute(
+                SQL_UPSERT_ALIAS,
+                (
+                    alias.alias_hmac,
+                    alias.id_hmac,
+                    alias.alias_type,
+                    ts(alias.created_at),
+                    _opt_text(alias.expires_at),
+                ),
+            ).fetchone()
+        if row is None:
+            raise AliasConflict("the alias is registered to another individual or was revoked")
+
+    def revoke_alias(self, alias_hmac: bytes, now: datetime) -> bool:
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE individual_aliases SET revoked_at = ? WHERE alias_hmac = ? AND revoked_at IS NULL",
+                (ts(now), alias_hmac),
+            )
+            return cur.rowcount == 1
+
+    def aliases_of(self, id_hmac: bytes) -> Sequence[Alias]:
+        rows = self._query(
+            "SELECT alias_hmac, id_hmac, alias_type, created_at, expires_at, revoked_at FROM individual_aliases"
+            " WHERE id_hmac = ? ORDER BY created_at, alias_hmac",
+            (id_hmac,),
+        )
+        return [Alias(bytes(r[0]), bytes(r[1]), r[2], parse_ts(r[3]), _opt_ts(r[4]), _opt_ts(r[5])) for r in rows]
+
+    def partner_psut(self, id_hmac: bytes, partner_id: str) -> str | None:
+        rows = self._query(
+            "SELECT psut FROM bindings WHERE id_hmac = ? AND partner_id = ? ORDER BY id LIMIT 1", (id_hmac, partner_id)
+        )
+        return str(rows[0][0]) if rows else None
+
+
+# One query resolves any ID: the individual's own, or an alias that is neither revoked nor expired.
+SQL_RESOLVE_INDIVIDUAL = (
+    "SELECT id_hmac FROM individuals WHERE id_hmac = ?"
+    " UNION ALL SELECT id_hmac FROM individual_aliases"
+    " WHERE alias_hmac = ? AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?) LIMIT 1"
+)
+# Insert, or update the same individual's unrevoked alias; no row back means another individual's or revoked.
+SQL_UPSERT_ALIAS = (
+    "INSERT INTO individual_aliases (alias_hmac, id_hmac, alias_type, created_at, expires_at) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (alias_hmac) DO UPDATE SET alias_type = excluded.alias_type, expires_at = excluded.expires_at"
+    " WHERE individual_aliases.id_hmac = excluded.id_hmac AND individual_aliases.revoked_at IS NULL"
+    " RETURNING alias_hmac"
+)
 SQL_IDENTITY_AND_LOCK = (
     "SELECT email, phone, name, pin_hmac, locked_until FROM individuals LEFT JOIN individual_limits USING (id_hmac)"
     " WHERE id_hmac = ?"

@@ -1,4 +1,4 @@
--- depends: 0005_issuer_lifecycle
+-- depends: 0006_individual_aliases
 -- KBI (knowledge-based identification, server/auth/kbi.py): an individual's enrolled attributes, one row per
 -- configured field, each only as the HSM-keyed HMAC of its normalised form (never the answer in clear).
 -- Written with the identity in one transaction (upsert_identity replaces them); read by the KBI factor only.
