@@ -67,7 +67,8 @@ DRIVEN = ("server.stores", "server.notifiers", "server.hsm_backend")
 #: What drives the service: only these may import server.service.
 DRIVERS = ("server.app", "server.grpc_api", "server.cli", "server.serve")
 
-FORBIDDEN_IN_SERVICE_LAYER = ("grpc", "grpc_status", "grpc_health", "grpc_reflection", "google.rpc", "pkcs11", "hsm")
+GRPC = ("grpc", "grpc_status", "grpc_health", "grpc_reflection", "google.rpc")
+FORBIDDEN_IN_SERVICE_LAYER = (*GRPC, "pkcs11", "hsm")
 
 
 def module_name(path: Path) -> str:
@@ -214,3 +215,23 @@ def test_importing_a_service_module_loads_no_grpc(module: str) -> None:
     code = f"import sys, {module}; print(' '.join(m for m in {forbidden!r} if m in sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert loaded.stdout.strip() == ""
+
+
+#: Outside server/grpc_api/ (and the generated code) only these may import gRPC, each for a reason.
+GRPC_OUTSIDE_GRPC_API = {
+    "server.serve": "starts the grpc.aio server and registers the servicer, health and reflection on it",
+    "server.tls": "turns the certificate files into grpc server credentials that reload on a new handshake",
+}
+
+
+def test_grpc_is_spoken_under_grpc_api() -> None:
+    """Request handling, status mapping, per-RPC observability and the demo client live in server/grpc_api/."""
+    found = violations(
+        [
+            (m, p)
+            for m, p in SERVER
+            if not within(m, ("server.grpc_api", "server.gen")) and m not in GRPC_OUTSIDE_GRPC_API
+        ],
+        lambda module, target, names: within(target, GRPC),
+    )
+    assert found == [], "\n".join(found)
