@@ -12,6 +12,8 @@ import io.grpc.stub.MetadataUtils;
 import io.mosip.esignet.api.dto.AuthChallenge;
 import java.io.ByteArrayInputStream;
 import java.io.IOException;
+import java.lang.reflect.InvocationHandler;
+import java.lang.reflect.Proxy;
 import java.math.BigInteger;
 import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
@@ -99,19 +101,24 @@ final class TestSupport {
         }
     }
 
-    /** eSignet's Spring environment, as the plugin sees it: a property map. */
+    /**
+     * eSignet's Spring environment, as the plugin sees it: a property map. A proxy, so that it compiles
+     * against the stand-in and against the real (much larger) Environment interface alike.
+     */
     static Environment environment(Map<String, String> properties) {
-        return new Environment() {
-            @Override
-            public String getProperty(String key) {
-                return properties.get(key);
+        InvocationHandler handler = (proxy, method, args) -> {
+            if (method.getName().equals("getProperty") && args != null && args.length >= 1
+                    && args[0] instanceof String key) {
+                String value = properties.get(key);
+                return value == null && args.length == 2 && args[1] instanceof String fallback ? fallback : value;
             }
-
-            @Override
-            public String getProperty(String key, String defaultValue) {
-                return properties.getOrDefault(key, defaultValue);
+            if (method.getName().equals("toString") && args == null) {
+                return "test environment " + properties.keySet();
             }
+            throw new UnsupportedOperationException("the plugin only reads properties: " + method.getName());
         };
+        return (Environment) Proxy.newProxyInstance(Environment.class.getClassLoader(),
+                new Class<?>[] {Environment.class}, handler);
     }
 
     /** The plugin's properties for the test server: mTLS with the driver's CA, the partner key from its file. */
