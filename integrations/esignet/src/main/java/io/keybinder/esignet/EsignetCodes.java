@@ -90,6 +90,15 @@ final class EsignetCodes {
         return WLA.getOrDefault(failure.reason, ErrorConstants.AUTH_FAILED);
     }
 
+    /**
+     * Whether a failed binding call is the operator's to fix (logged as an error) rather than the user's
+     * (a refusal): no answer, no reason, or a reason eSignet has no code for (a partner refused, ...).
+     */
+    static boolean operatorProblem(RpcFailure failure) {
+        return failure.transport() || failure.reason == null || !BINDING.containsKey(failure.reason)
+                || failure.reason.equals("key_binding_failed");
+    }
+
     private static String binding(RpcFailure failure, String fallback) {
         // UNAVAILABLE / DEADLINE_EXCEEDED say nothing about the request: retryable, the operation's own code.
         if (failure.transport() || failure.reason == null) {

@@ -167,8 +167,7 @@ public class KeyBinderGrpcBinder implements KeyBinder, AutoCloseable {
 
     private static void logFailure(String operation, KeyBinderConnection.Partner partner, RpcFailure failure,
             String code) {
-        if (failure.transport() || code.equals(io.mosip.esignet.api.util.ErrorConstants.KEY_BINDING_FAILED)
-                || code.equals(io.mosip.esignet.api.util.ErrorConstants.SEND_OTP_FAILED) && failure.reason == null) {
+        if (EsignetCodes.operatorProblem(failure)) {
             log.error("{} for partner {} failed: KeyBinder {} -> {}", operation, partner, failure, code);
         } else {
             log.info("{} for partner {} refused: KeyBinder {} -> {}", operation, partner, failure, code);

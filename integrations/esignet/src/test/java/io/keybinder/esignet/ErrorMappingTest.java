@@ -71,6 +71,8 @@ class ErrorMappingTest {
     void wrongAndReusedOtpsAreBindingAuthFailed() throws Exception {
         String otp = sendOtp();
         assertEquals("binding_auth_failed", bindFails(binder, DAN.id(), otp(wrong(otp)), rsaJwk(), headers()).getErrorCode());
+        assertTrue(LogCapture.lines().stream().anyMatch(l -> l.startsWith("INFO") && l.contains("[auth_failed]")),
+                "a refused challenge is the user's doing: INFO, not an error");
         binder.doKeyBinding(DAN.id(), otp(otp), rsaJwk(), "WLA", headers());
         KeyBindingException reused = bindFails(binder, DAN.id(), otp(otp), rsaJwk(), headers());
         assertEquals("binding_auth_failed", reused.getErrorCode());
@@ -156,7 +158,8 @@ class ErrorMappingTest {
         KeyBindingException bind = bindFails(binder, DAN.id(), otp("123456"), rsaJwk(), wrongKey);
         assertEquals("key_binding_failed", bind.getErrorCode());
         assertTrue(bind.getMessage().contains("invalid_partner"), bind.getMessage());
-        assertTrue(LogCapture.text().contains("invalid_partner"), "the operator's log names the reason");
+        assertTrue(LogCapture.lines().stream().anyMatch(l -> l.startsWith("SEVERE") && l.contains("invalid_partner")),
+                "a misconfigured partner is an error in the operator's log, with the reason");
 
         // No partner at all: neither headers nor configuration.
         Map<String, String> anonymous = new HashMap<>(serverProperties());
