@@ -224,6 +224,7 @@ def test_the_whole_java_suite_ran_and_the_launcher_agrees(java_run: JavaRun) -> 
         "BindingFlowTest",
         "WlaLoginTest",
         "ErrorMappingTest",
+        "ErrorTableTest",
         "HeaderForwardingTest",
         "LogHygieneTest",
     }
@@ -235,6 +236,11 @@ def test_binding_as_esignet_drives_it(java_run: JavaRun) -> None:
 
 def test_every_error_path_maps_to_an_esignet_code(java_run: JavaRun) -> None:
     assert_passed(java_run, "ErrorMappingTest")
+
+
+def test_every_row_of_the_error_table(java_run: JavaRun) -> None:
+    assert_passed(java_run, "ErrorTableTest")
+    assert len(java_run.outcomes["ErrorTableTest"]) >= 39, "one case per row of README's table"
 
 
 def test_only_the_partner_headers_are_forwarded_and_formats_are_cached(java_run: JavaRun) -> None:

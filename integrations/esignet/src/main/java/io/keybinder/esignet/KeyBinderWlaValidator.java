@@ -77,7 +77,7 @@ public class KeyBinderWlaValidator implements KeyBindingValidator, AutoCloseable
         } catch (StatusRuntimeException err) {
             RpcFailure failure = RpcFailure.of(err);
             String code = EsignetCodes.forWla(failure);
-            if (code.equals(ErrorConstants.AUTH_FAILED)) {
+            if (EsignetCodes.operatorProblem(failure)) {
                 log.error("validateBindingAuth for partner {} failed: KeyBinder {} -> {}", partner, failure, code);
             } else {
                 log.info("validateBindingAuth for partner {} refused: KeyBinder {} -> {}", partner, failure, code);

@@ -68,15 +68,15 @@ class ErrorMappingTest {
     }
 
     @Test
-    void wrongAndReusedOtpsAreBindingAuthFailed() throws Exception {
+    void wrongAndReusedOtpsAreAuthFailed() throws Exception {
         String otp = sendOtp();
-        assertEquals("binding_auth_failed", bindFails(binder, DAN.id(), otp(wrong(otp)), rsaJwk(), headers()).getErrorCode());
+        assertEquals("auth_failed", bindFails(binder, DAN.id(), otp(wrong(otp)), rsaJwk(), headers()).getErrorCode());
         assertTrue(LogCapture.lines().stream().anyMatch(l -> l.startsWith("INFO") && l.contains("[auth_failed]")),
                 "a refused challenge is the user's doing: INFO, not an error");
         binder.doKeyBinding(DAN.id(), otp(otp), rsaJwk(), "WLA", headers());
         KeyBindingException reused = bindFails(binder, DAN.id(), otp(otp), rsaJwk(), headers());
-        assertEquals("binding_auth_failed", reused.getErrorCode());
-        assertTrue(reused.getMessage().contains("auth_failed"), reused.getMessage());
+        assertEquals("auth_failed", reused.getErrorCode());
+        assertTrue(reused.getMessage().contains("UNAUTHENTICATED [auth_failed]"), reused.getMessage());
     }
 
     @Test
@@ -132,7 +132,7 @@ class ErrorMappingTest {
         SendOtpException unknown = assertThrows(SendOtpException.class,
                 () -> binder.sendBindingOtp(stranger, List.of("email"), headers()));
         assertEquals("send_otp_failed", unknown.getErrorCode());
-        assertEquals("binding_auth_failed",
+        assertEquals("auth_failed",
                 bindFails(binder, stranger, otp("123456"), rsaJwk(), headers()).getErrorCode());
         assertEquals("invalid_individual_id", assertThrows(SendOtpException.class,
                 () -> binder.sendBindingOtp(" ", List.of("email"), headers())).getErrorCode());
