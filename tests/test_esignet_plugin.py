@@ -214,6 +214,8 @@ def assert_passed(run: JavaRun, cls: str, *, except_: frozenset[str] = frozenset
 
 def test_the_whole_java_suite_ran_and_the_launcher_agrees(java_run: JavaRun) -> None:
     summary = java_run.summary()
+    # The launcher's own count lines, for the record (pytest -s shows them).
+    print("\n".join(line for line in java_run.stdout.splitlines() if SUMMARY.search(line)))
     found = sum(len(cases) for cases in java_run.outcomes.values())
     assert summary.get("found", 0) == found >= 19, java_run.stdout[-4000:]
     assert summary.get("skipped", 0) == 0

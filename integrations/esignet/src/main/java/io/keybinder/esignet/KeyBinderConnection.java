@@ -40,9 +40,18 @@ final class KeyBinderConnection implements AutoCloseable {
         this.properties = properties;
         this.channel = Grpc.newChannelBuilder(properties.target, credentials(properties)).build();
         this.stub = KeyBinderServiceGrpc.newBlockingStub(channel);
+        if (properties.plaintext && !loopback(properties.target)) {
+            log.warn("KeyBinder channel to {} is plaintext: the partner API key and every OTP cross the network"
+                    + " in clear unless a TLS sidecar carries them", properties.target);
+        }
         log.info("KeyBinder channel to {} ({}), deadline {} ms", properties.target,
                 properties.plaintext ? "plaintext" : properties.clientCertFile != null ? "mTLS" : "TLS",
                 properties.deadline.toMillis());
+    }
+
+    private static boolean loopback(String target) {
+        String host = target.replaceFirst("^dns:/*", "").replaceFirst(":[0-9]+$", "").replaceAll("[\\[\\]]", "");
+        return host.equals("localhost") || host.startsWith("127.") || host.equals("::1");
     }
 
     private static ChannelCredentials credentials(KeyBinderProperties p) {

@@ -209,6 +209,34 @@ class ErrorMappingTest {
     }
 
     @Test
+    void withoutItsClientCertificateTheMtlsServerIsUnreachable() throws Exception {
+        Map<String, String> noCert = new HashMap<>(serverProperties());
+        noCert.remove("keybinder.grpc.client-cert-file");
+        noCert.remove("keybinder.grpc.client-key-file");
+        noCert.put("keybinder.grpc.deadline-ms", "3000");
+        try (KeyBinderGrpcBinder anonymous = new KeyBinderGrpcBinder(environment(noCert))) {
+            KeyBindingException err = bindFails(anonymous, DAN.id(), otp("123456"), rsaJwk(), headers());
+            assertEquals("key_binding_failed", err.getErrorCode());
+            assertTrue(err.getMessage().contains("UNAVAILABLE"), err.getMessage());
+        }
+        Map<String, String> wrongCa = new HashMap<>(serverProperties());
+        wrongCa.remove("keybinder.grpc.ca-file");  // the JVM's trust store: it does not know the test CA
+        try (KeyBinderGrpcBinder untrusting = new KeyBinderGrpcBinder(environment(wrongCa))) {
+            assertEquals("send_otp_failed", assertThrows(SendOtpException.class,
+                    () -> untrusting.sendBindingOtp(DAN.id(), List.of("email"), headers())).getErrorCode());
+        }
+    }
+
+    @Test
+    void aPlaintextChannelOffLoopbackIsWarnedAbout() {
+        Map<String, String> p = new HashMap<>();
+        p.put("keybinder.grpc.target", "keybinder.example.org:50051");
+        p.put("keybinder.grpc.plaintext", "true");
+        new KeyBinderGrpcBinder(environment(p)).close();
+        assertTrue(LogCapture.lines().stream().anyMatch(l -> l.startsWith("WARNING") && l.contains("plaintext")));
+    }
+
+    @Test
     void badPropertiesFailAtStartWithOneLineThatNamesTheProperty() {
         Map<String, String> p = new HashMap<>(serverProperties());
         p.put("keybinder.grpc.partner-api-key-source", "kb_pasted_by_mistake");
