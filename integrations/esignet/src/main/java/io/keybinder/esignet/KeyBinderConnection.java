@@ -77,16 +77,18 @@ final class KeyBinderConnection implements AutoCloseable {
     static final class Partner {
         final String id;
         final String apiKey;
+        private final boolean fromHeaders;
 
-        Partner(String id, String apiKey) {
+        Partner(String id, String apiKey, boolean fromHeaders) {
             this.id = id;
             this.apiKey = apiKey;
+            this.fromHeaders = fromHeaders;
         }
 
-        /** Never the key. */
+        /** For logs: the configured partner's id (configuration, not a request value); never a header value or key. */
         @Override
         public String toString() {
-            return id;
+            return fromHeaders ? "(from the request headers)" : id;
         }
     }
 
@@ -112,12 +114,12 @@ final class KeyBinderConnection implements AutoCloseable {
             }
         }
         if (id == null) {
-            return new Partner(properties.partnerId, properties.partnerApiKey);
+            return new Partner(properties.partnerId, properties.partnerApiKey, false);
         }
         if (key == null && id.equals(properties.partnerId)) {
             key = properties.partnerApiKey;
         }
-        return new Partner(id, key);
+        return new Partner(id, key, true);
     }
 
     /** The stub for one call: the partner's metadata and a fresh deadline. */

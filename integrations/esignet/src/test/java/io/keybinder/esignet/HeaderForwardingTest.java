@@ -105,6 +105,7 @@ class HeaderForwardingTest {
         headers.put("Cookie", "session=abc");
         headers.put("x-request-id", "r1");
         TestSupport.Secrets.add("kb_from_the_request_0123456789");
+        TestSupport.Secrets.add("wallet-x");  // not a secret, but a header value: never logged either
         TestSupport.Secrets.add("secret-token-of-the-wallet");
         try (KeyBinderGrpcBinder binder = new KeyBinderGrpcBinder(environment(properties()))) {
             binder.sendBindingOtp("1234567890", List.of("email"), headers);
