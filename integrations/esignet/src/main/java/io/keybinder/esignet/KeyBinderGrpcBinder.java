@@ -43,17 +43,15 @@ public class KeyBinderGrpcBinder implements KeyBinder, AutoCloseable {
      * Spring autowires a single one without annotations.
      */
     public KeyBinderGrpcBinder(Environment environment) {
-        this.connection = new KeyBinderConnection(KeyBinderProperties.from(environment::getProperty));
+        KeyBinderProperties properties = KeyBinderProperties.from(environment::getProperty);
+        properties.requirePartnerCredential("eSignet asks getSupportedChallengeFormats without headers");
+        this.connection = new KeyBinderConnection(properties);
     }
 
     @Override
     public SendOtpResult sendBindingOtp(String individualId, List<String> otpChannels,
             Map<String, String> requestHeaders) throws SendOtpException {
         KeyBinderConnection.Partner partner = connection.partner(requestHeaders);
-        if (partner.id == null) {
-            log.error("sendBindingOtp: no partner-id header and no {}partner-id configured", KeyBinderProperties.PREFIX);
-            throw new SendOtpException(EsignetCodes.REQUIRED_HEADER_MISSING);
-        }
         Keybinder.SendBindingOtpRequest request = Keybinder.SendBindingOtpRequest.newBuilder()
                 .setIndividualId(individualId == null ? "" : individualId)
                 .addAllOtpChannels(otpChannels == null ? List.of() : otpChannels)
@@ -75,10 +73,6 @@ public class KeyBinderGrpcBinder implements KeyBinder, AutoCloseable {
             Map<String, Object> publicKeyJWK, String bindAuthFactorType, Map<String, String> requestHeaders)
             throws KeyBindingException {
         KeyBinderConnection.Partner partner = connection.partner(requestHeaders);
-        if (partner.id == null) {
-            log.error("doKeyBinding: no partner-id header and no {}partner-id configured", KeyBinderProperties.PREFIX);
-            throw new KeyBindingException(EsignetCodes.REQUIRED_HEADER_MISSING);
-        }
         String jwk = jwkText(publicKeyJWK);
         Keybinder.DoKeyBindingRequest.Builder request = Keybinder.DoKeyBindingRequest.newBuilder()
                 .setIndividualId(individualId == null ? "" : individualId)

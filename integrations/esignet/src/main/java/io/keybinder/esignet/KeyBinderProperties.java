@@ -68,8 +68,12 @@ public final class KeyBinderProperties {
         return new KeyBinderProperties(lookup);
     }
 
-    boolean hasPartnerCredential() {
-        return partnerId != null && partnerApiKey != null;
+    /** Both components call as the configured partner when eSignet gives no headers: fail at start without one. */
+    void requirePartnerCredential(String why) {
+        if (partnerId == null || partnerApiKey == null) {
+            throw new IllegalStateException(PREFIX + "partner-id and " + PREFIX + "partner-api-key-source are needed: "
+                    + why);
+        }
     }
 
     private static String optional(Function<String, String> source, String name) {

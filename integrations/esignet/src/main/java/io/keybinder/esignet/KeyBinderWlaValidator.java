@@ -37,10 +37,7 @@ public class KeyBinderWlaValidator implements KeyBindingValidator, AutoCloseable
     /** Spring injects eSignet's environment; the only constructor, so Spring autowires it. */
     public KeyBinderWlaValidator(Environment environment) {
         KeyBinderProperties properties = KeyBinderProperties.from(environment::getProperty);
-        if (!properties.hasPartnerCredential()) {
-            throw new IllegalStateException(KeyBinderProperties.PREFIX + "partner-id and " + KeyBinderProperties.PREFIX
-                    + "partner-api-key-source are needed: eSignet passes no partner headers to the validator");
-        }
+        properties.requirePartnerCredential("eSignet passes no partner headers to the validator");
         this.connection = new KeyBinderConnection(properties);
     }
 

@@ -161,16 +161,12 @@ class ErrorMappingTest {
         assertTrue(LogCapture.lines().stream().anyMatch(l -> l.startsWith("SEVERE") && l.contains("invalid_partner")),
                 "a misconfigured partner is an error in the operator's log, with the reason");
 
-        // No partner at all: neither headers nor configuration.
+        // No configured partner: refused at start, since eSignet asks for the formats without headers.
         Map<String, String> anonymous = new HashMap<>(serverProperties());
-        anonymous.remove("keybinder.grpc.partner-id");
         anonymous.remove("keybinder.grpc.partner-api-key-source");
-        try (KeyBinderGrpcBinder nobody = new KeyBinderGrpcBinder(environment(anonymous))) {
-            assertEquals("required_header_missing",
-                    bindFails(nobody, DAN.id(), otp("123456"), rsaJwk(), Map.of()).getErrorCode());
-            assertEquals("required_header_missing", assertThrows(SendOtpException.class,
-                    () -> nobody.sendBindingOtp(DAN.id(), List.of("email"), Map.of())).getErrorCode());
-        }
+        IllegalStateException err = assertThrows(IllegalStateException.class,
+                () -> new KeyBinderGrpcBinder(environment(anonymous)));
+        assertTrue(err.getMessage().contains("keybinder.grpc.partner-api-key-source"), err.getMessage());
     }
 
     @Test
@@ -232,6 +228,8 @@ class ErrorMappingTest {
         Map<String, String> p = new HashMap<>();
         p.put("keybinder.grpc.target", "keybinder.example.org:50051");
         p.put("keybinder.grpc.plaintext", "true");
+        p.put("keybinder.grpc.partner-id", TestSupport.PARTNER_ID);
+        p.put("keybinder.grpc.partner-api-key-source", "file:" + TestSupport.PARTNER_KEY_FILE);
         new KeyBinderGrpcBinder(environment(p)).close();
         assertTrue(LogCapture.lines().stream().anyMatch(l -> l.startsWith("WARNING") && l.contains("plaintext")));
     }
