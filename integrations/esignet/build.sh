@@ -29,7 +29,8 @@ runtime=(
 provided=("$J"/slf4j-api-1.7.32.jar)
 # javax.annotation.Generated in the stubs; errorprone annotations on grpc classes (for -Werror)
 compile_only=("$J"/geronimo-annotation-1.3-spec-1.3.jar "$J"/error-prone-annotations-2.18.0.jar)
-jni=/usr/lib/$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || echo x86_64-linux-gnu)/jni/libnetty-tcnative.so
+jni=$(dpkg -L libnetty-tcnative-jni 2>/dev/null | grep '/libnetty-tcnative\.so$' | head -n1 || true)
+jni=${jni:-/usr/lib/x86_64-linux-gnu/jni/libnetty-tcnative.so}
 tests=("$J"/slf4j-jdk14-1.7.32.jar "$J"/junit-platform-console-standalone-1.9.1.jar)
 
 for jar in "${runtime[@]}" "${provided[@]}" "${compile_only[@]}" "${tests[@]}" "$jni"; do
