@@ -10,7 +10,7 @@ SOFTHSM_MODULE ?= /usr/lib/softhsm/libsofthsm2.so
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 KB       := $(BIN)/keybinder
 
-.PHONY: help run test setup deps dev-deps softhsm hsm-deps node node-deps buf-lint buf-breaking bench layers lint typecheck proto proto-check demo clean
+.PHONY: help run test setup deps dev-deps softhsm hsm-deps node node-deps buf-lint buf-breaking bench layers lint typecheck proto proto-check demo clean java-deps esignet-plugin
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -18,7 +18,7 @@ help:  ## list the targets
 run: setup  ## set everything up and serve on 127.0.0.1:50051
 	exec $(KB) serve --data-dir $(DATA_DIR)
 
-test: setup dev-deps hsm-deps node-deps lint typecheck proto-check buf-lint buf-breaking  ## set up, check style/types/generated code and the proto, run every test
+test: setup dev-deps hsm-deps node-deps esignet-plugin lint typecheck proto-check buf-lint buf-breaking  ## set up, check style/types/generated code and the proto, run every test
 	$(BIN)/pytest
 
 setup: deps softhsm  ## venv, SoftHSM2, token, issuer, database, demo identity and partner (idempotent)
@@ -117,11 +117,33 @@ buf-breaking: tools/buf/node_modules/.installed  ## buf breaking of protos/ agai
 		{ echo "buf-breaking needs the previous commit: fetch the history (git fetch --unshallow)"; exit 1; }
 	$(BUF) breaking --against '.git#ref=HEAD~1,subdir=protos'
 
+# The eSignet plugin (integrations/esignet) is built with javac 17 against Debian's Java packages:
+# Maven Central is out of reach here (integrations/esignet/pom.xml is the production build).
+JAVA_PKGS := openjdk-17-jdk-headless protobuf-compiler protobuf-compiler-grpc-java-plugin libgrpc-java \
+	libprotobuf-java libguava-java liberror-prone-java libgeronimo-annotation-1.3-spec-java libnetty-java \
+	libnetty-tcnative-java libnetty-tcnative-jni libperfmark-java libgoogle-gson-java libslf4j-java junit5
+ESIGNET_JAR := integrations/esignet/build/keybinder-esignet-plugin.jar
+ESIGNET_SRC := $(shell find integrations/esignet/src -name '*.java') integrations/esignet/build.sh protos/keybinder/v1/keybinder.proto
+
+java-deps:  ## install the JDK and the Debian Java packages the eSignet plugin builds with, when missing
+	@missing=$$(for p in $(JAVA_PKGS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing" $$missing "(apt-get)"; \
+		$(SUDO) apt-get -o DPkg::Lock::Timeout=600 update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get -o DPkg::Lock::Timeout=600 install -y -qq $$missing >/dev/null; \
+	fi
+
+esignet-plugin: java-deps deps $(ESIGNET_JAR)  ## the eSignet plugin jar, its lib/ and its JUnit tests (integrations/esignet/build)
+
+# googleapis-common-protos (a dependency of grpcio-status) carries google/rpc/*.proto for the ErrorInfo stubs.
+$(ESIGNET_JAR): $(ESIGNET_SRC) | java-deps deps
+	bash integrations/esignet/build.sh "$$($(BIN)/python -c 'import google.rpc, os; print(os.path.dirname(os.path.dirname(google.rpc.__path__[0])))')"
+
 bench: setup  ## DoKeyBinding matrix (SQLite/PostgreSQL x 1/2 workers x 1/64 in flight) vs the raw HSM rate
 	$(BIN)/python scripts/bench.py
 
 demo: deps  ## run the example client against a running `make run`
 	$(KB) demo --data-dir $(DATA_DIR)
 
-clean:  ## remove the virtualenv and the local data directory
-	rm -rf $(VENV) $(DATA_DIR) .mypy_cache .ruff_cache .pytest_cache
+clean:  ## remove the virtualenv, the local data directory and the plugin build
+	rm -rf $(VENV) $(DATA_DIR) .mypy_cache .ruff_cache .pytest_cache integrations/esignet/build
