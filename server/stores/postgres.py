@@ -96,9 +96,6 @@ SQL_OTP_STATE: Final = "SELECT state, attempts FROM otps WHERE transaction_id = 
 SQL_CONSUME_OTP: Final = (
     "UPDATE otps SET state = 'used' WHERE id_hmac = %s AND transaction_id = %s AND state = 'pending'"
 )
-SQL_CONSUME_NONCE: Final = (
-    "UPDATE binding_nonces SET used_at = %s WHERE id_hmac = %s AND nonce = %s AND used_at IS NULL"
-)
 
 # wallet_keys is distributed by key_fingerprint, not id_hmac (a key's owner is a global fact). Both
 # statements are single-row and run in their own transaction (autocommit), never inside an individual's
@@ -109,15 +106,17 @@ SQL_CLAIM_KEY: Final = (
     " ON CONFLICT (key_fingerprint) DO NOTHING"
 )
 
-SQL_SUPERSEDE_ACTIVE: Final = (
-    "UPDATE bindings SET status = 'superseded', superseded_at = %s"
-    " WHERE id_hmac = %s AND partner_id = %s AND auth_factor_type = %s AND status = 'active'"
+# The binding transaction (lock, OTP/nonce consumption, supersede, insert, audit entry) in one statement and
+# one round trip: a function (migration 0007) whose every statement names p_id_hmac, the individual's shard
+# (on Citus a function distributed by p_id_hmac). Autocommit makes the call its own transaction.
+SQL_COMMIT_BINDING: Final = (
+    "SELECT kb_commit_binding(%s::bytea, %s::text, %s::text, %s::text, %s::text, %s::text, %s::text, %s::text,"
+    " %s::text, %s::timestamptz, %s::timestamptz, %s::timestamptz, %s::integer, %s::integer, %s::text, %s::text,"
+    " %s::timestamptz, %s::text, %s::text, %s::text, %s::text, %s::text, %s::bytea, %s::bytea)"
 )
-SQL_INSERT_BINDING: Final = (
-    "INSERT INTO bindings (id_hmac, partner_id, auth_factor_type, psut, key_fingerprint, certificate_pem,"
-    " cert_thumbprint, serial_hex, issuer_key_label, status, created_at, expires_at)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, 'active', %s, %s)"
-)
+#: SQLSTATEs kb_commit_binding raises when the OTP or the nonce it should consume was spent already.
+SQLSTATE_OTP_USED: Final = "KB001"
+SQLSTATE_NONCE_USED: Final = "KB002"
 # The f-strings below only splice in the constant column list (hence noqa: S608).
 SQL_BINDINGS_FOR: Final = f"SELECT {BINDING_COLUMNS} FROM bindings WHERE id_hmac = %s AND partner_id = %s ORDER BY id"  # noqa: S608
 SQL_ACTIVE_BINDING: Final = (
@@ -357,14 +356,22 @@ class PostgresStore:
                 pool = self._pool
         return pool
 
-    def _run(self, work: Callable[[Cur], T], *, write: bool, retry_conflict: bool = True) -> T:
-        """Run ``work`` on a pooled connection: in one transaction when ``write``, else as it comes."""
+    def _run(
+        self, work: Callable[[Cur], T], *, write: bool, retry_conflict: bool = True, one_statement: bool = False
+    ) -> T:
+        """Run ``work`` on a pooled connection: in one transaction when ``write``, else as it comes.
+
+        ``one_statement``: ``work`` is a single autocommitted write (a function call), its own transaction
+        with no BEGIN/COMMIT round trips. If the connection dies its outcome is unknown, and it is run again
+        on a fresh connection only because the function is idempotent (kb_commit_binding: a binding that is
+        already there is success).
+        """
         for attempt in (1, 2):
             conn: Conn | None = None
             committing = False
             try:
                 with self._get_pool().connection() as conn:
-                    if not write:
+                    if not write or one_statement:
                         with conn.cursor() as cur:
                             return work(cur)
                     with conn.transaction():
@@ -510,17 +517,13 @@ class PostgresStore:
         return bytes(rows[0][0]) if rows else None
 
     @staticmethod
-    def _consume(cur: Cur, id_hmac: bytes, otp: str | None, nonce: str | None, now: datetime) -> None:
+    def _consume_otp(cur: Cur, id_hmac: bytes, otp: str | None) -> None:
         # Scoped to the individual as well as the id: on a distributed database that names the shard, and
-        # nobody can spend another individual's OTP or nonce.
+        # nobody can spend another individual's OTP.
         if otp is not None:
             cur.execute(SQL_CONSUME_OTP, (id_hmac, otp))
             if cur.rowcount != 1:
                 raise OtpAlreadyUsed(otp)
-        if nonce is not None:
-            cur.execute(SQL_CONSUME_NONCE, (_utc(now), id_hmac, nonce))
-            if cur.rowcount != 1:
-                raise OtpAlreadyUsed(nonce)
 
     def claim_key(self, key_fingerprint: str, id_hmac: bytes, now: datetime) -> None:
         def work(cur: Cur) -> bytes | None:
@@ -549,31 +552,32 @@ class PostgresStore:
         audit: AuditEvent | None = None,
     ) -> None:
         b = binding
+        if audit is not None and audit.chain_key != b.id_hmac:
+            raise ValueError("a binding's audit entry belongs to the individual's own chain")
+        params = (
+            *(b.id_hmac, b.partner_id, b.auth_factor_type, b.psut, b.key_fingerprint, b.certificate_pem),
+            *(b.cert_thumbprint, b.serial_hex, b.issuer_key_label, _utc(b.created_at), _utc(b.expires_at)),
+            *(_utc(now), LOCK_NAMESPACE, _lock_key(b.id_hmac), consume_otp, consume_nonce),
+            *(
+                (_utc(audit.at), audit.partner_id, audit.action, audit.outcome, audit.reason, audit.subject)
+                if audit is not None
+                else (None,) * 6
+            ),
+            audit.payload() if audit is not None else None,
+            GENESIS,
+        )
 
         def work(cur: Cur) -> None:
-            self._lock_individual(cur, b.id_hmac)
-            self._consume(cur, b.id_hmac, consume_otp, consume_nonce, now)
-            cur.execute(SQL_SUPERSEDE_ACTIVE, (_utc(now), b.id_hmac, b.partner_id, b.auth_factor_type))
-            cur.execute(
-                SQL_INSERT_BINDING,
-                (
-                    b.id_hmac,
-                    b.partner_id,
-                    b.auth_factor_type,
-                    b.psut,
-                    b.key_fingerprint,
-                    b.certificate_pem,
-                    b.cert_thumbprint,
-                    b.serial_hex,
-                    b.issuer_key_label,
-                    _utc(b.created_at),
-                    _utc(b.expires_at),
-                ),
-            )
-            if audit is not None:
-                self._append_audit(cur, audit)
+            cur.execute(SQL_COMMIT_BINDING, params)
 
-        self._run(work, write=True)
+        try:
+            self._run(work, write=True, one_statement=True)
+        except psycopg.DatabaseError as err:
+            if err.sqlstate == SQLSTATE_OTP_USED:
+                raise OtpAlreadyUsed(consume_otp) from err
+            if err.sqlstate == SQLSTATE_NONCE_USED:
+                raise OtpAlreadyUsed(consume_nonce) from err
+            raise
 
     def bindings_for(self, id_hmac: bytes, partner_id: str) -> Sequence[Binding]:
         return [_binding(r) for r in self._read(SQL_BINDINGS_FOR, (id_hmac, partner_id))]
@@ -611,7 +615,7 @@ class PostgresStore:
             row = cur.fetchone()
             if row is None:
                 return None  # nothing changed; the OTP stays usable
-            self._consume(cur, id_hmac, consume_otp, None, now)
+            self._consume_otp(cur, id_hmac, consume_otp)
             if audit is not None:
                 self._append_audit(cur, audit)
             return row
