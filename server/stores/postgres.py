@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -275,9 +276,22 @@ def migrations_dir() -> str:
     return str(Path(__file__).resolve().parent.parent / "migrations" / "postgresql")
 
 
+def writable_host_url(url: str) -> str:
+    """A multi-host URL (``host=a,b``, as pg_auto_failover prints it) narrowed to the host that is read-write
+    now, for yoyo, which parses one host only; any other URL as it is."""
+    parts = urlsplit(libpq_url(url))
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if "," not in hosts:
+        return url
+    with psycopg.connect(libpq_url(url), connect_timeout=CONNECT_TIMEOUT_SECONDS) as conn:
+        host, port = conn.info.host, conn.info.port
+    host = f"[{host}]" if ":" in host else host
+    return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{host}:{port}"))
+
+
 def migrate(url: str) -> int:
     """Apply pending schema migrations; returns how many were applied."""
-    backend = get_backend(yoyo_url(url))
+    backend = get_backend(yoyo_url(writable_host_url(url)))
     try:
         migrations = read_migrations(migrations_dir())
         # yoyo's lock table keeps two processes (e.g. two replicas running `init`) from migrating at once.
