@@ -483,10 +483,10 @@ async def matrix(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
     rows: list[Row] = []
     raw_rates: list[float] = []
     counts: dict[str, float] | None = None
-    databases: list[tuple[str, contextlib.AbstractContextManager[str | None]]] = [
-        ("sqlite", contextlib.nullcontext("")),
-    ]
-    if args.postgres:
+    databases: list[tuple[str, contextlib.AbstractContextManager[str | None]]] = []
+    if "sqlite" in args.databases:
+        databases.append(("sqlite", contextlib.nullcontext("")))
+    if args.postgres and "postgresql" in args.databases:
         databases.append(("postgresql", postgres_database(args.postgres)))
     for name, database in databases:
         with database as url:
@@ -576,6 +576,13 @@ def machine() -> dict[str, object]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to run (default 1 2)")
+    parser.add_argument(
+        "--databases",
+        nargs="+",
+        choices=["sqlite", "postgresql"],
+        default=["sqlite", "postgresql"],
+        help="the stores to run (default both)",
+    )
     parser.add_argument("--binds", type=int, default=3000, help="bindings measured at 64 in flight")
     parser.add_argument("--binds-serial", type=int, default=300, help="bindings measured at 1 in flight")
     parser.add_argument("--warmup", type=int, default=300)

@@ -40,7 +40,7 @@ MONITOR_SETTINGS = {
 #: The keepers' side (seconds): how long a primary cut off from the monitor and its standby waits
 #: before it demotes itself, and how long the promoted standby waits for its WAL receiver to stop.
 KEEPER_SETTINGS = {
-    "timeout.network_partition_timeout": 5,  # [20]
+    "timeout.network_partition_timeout": 3,  # [20] (below the monitor's primary_demote_timeout)
     "timeout.prepare_promotion_walreceiver": 2,  # [5]
     "timeout.prepare_promotion_catchup": 10,  # [30]
 }

@@ -1,13 +1,19 @@
-"""A primary failover survived: KeyBinder on a pg_auto_failover cluster (monitor, primary, synchronous
-secondary), the primary SIGKILLed under a binding load, then the old primary rejoined and the new one
-killed in turn. Nothing acknowledged is lost, clients only ever see UNAVAILABLE while there is no writable
-primary, and the server recovers without a restart (tests/pgaf.py runs the cluster)."""
+"""The database failing under load: a primary failover survived, and a frozen database.
+
+KeyBinder on a pg_auto_failover cluster (monitor, primary, synchronous secondary; tests/pgaf.py): the
+primary SIGKILLed under a binding load, then the old primary rejoined and the new one killed in turn.
+Nothing acknowledged is lost, clients only ever see UNAVAILABLE while there is no writable primary, and the
+server recovers without a restart. And a throwaway PostgreSQL frozen with SIGSTOP: health and the RPCs that
+need no database keep answering (the reason service calls run on threads with PostgreSQL)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +32,8 @@ from server.stores.postgres import libpq_url
 from tests import pgaf
 from tests.conftest import SOFTHSM_MODULE, require
 from tests.test_cli import kb_cli, partner_md
-from tests.test_durability import reason, start
+from tests.test_durability import PEOPLE as DURABILITY_PEOPLE
+from tests.test_durability import OwnPostgres, make_data_dir, reason, start
 
 PIN = "482913"
 #: Individuals the load binds (PIN), and others that hold an OTP whose wrong guesses are counted.
@@ -60,6 +67,7 @@ class Load:
 
     port: int
     metadata: tuple[tuple[str, str], ...]
+    people: list[str] = field(default_factory=lambda: PEOPLE)
     acknowledged: list[tuple[float, str, str]] = field(default_factory=list)
     failures: list[tuple[float, grpc.StatusCode, str]] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -71,7 +79,7 @@ class Load:
         with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
             stub = pb_grpc.KeyBinderServiceStub(channel)
             while not self.stop.is_set():
-                person = PEOPLE[(index * 5 + n) % len(PEOPLE)]
+                person = self.people[(index * 5 + n) % len(self.people)]
                 n += 1
                 request = pb.DoKeyBindingRequest(
                     individual_id=person,
@@ -295,3 +303,98 @@ def test_primary_failover_and_back_under_load(
     assert otp_attempts(url, transactions) == dict.fromkeys(OTP_PEOPLE, expected_attempts)
     verified = kb_cli("audit", "verify", *config, data_dir=data_dir)
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+# -- a stalled database stalls neither health nor the RPCs that do not need it ---------------------
+
+
+@pytest.fixture
+def frozen_postgres_data_dir(tmp_path: Path) -> Iterator[tuple[OwnPostgres, Path]]:
+    root = Path(tempfile.mkdtemp(prefix="kb-frozen-pg-"))
+    root.chmod(0o755)
+    cluster: OwnPostgres | None = None
+    try:
+        cluster = OwnPostgres(root)
+        cluster.start()
+        yield cluster, make_data_dir(tmp_path, cluster.url)
+    finally:
+        if cluster is not None:
+            freeze(cluster, signal.SIGCONT)  # whatever happened, let it stop
+            with contextlib.suppress(AssertionError):
+                cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def cluster_pids(cluster: OwnPostgres) -> list[int]:
+    """The postmaster and every process it started (backends, checkpointer, WAL writer…)."""
+    postmaster = int((cluster.data / "postmaster.pid").read_text().split()[0])
+    children = [
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and _parent(int(entry.name)) == postmaster
+    ]
+    return [postmaster, *children]
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def freeze(cluster: OwnPostgres, sig: signal.Signals) -> None:
+    for pid in cluster_pids(cluster):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def test_frozen_database_does_not_stall_health_or_other_rpcs(
+    frozen_postgres_data_dir: tuple[OwnPostgres, Path],
+) -> None:
+    """Every PostgreSQL process SIGSTOPped (a database that accepts packets and never answers): the calls
+    that need it wait on the RPC threads, while health and GetSupportedChallengeFormats answer at once."""
+    cluster, data_dir = frozen_postgres_data_dir
+    proc, port = start(data_dir, workers=1)
+    md = partner_md(data_dir)
+    load = Load(port, md, DURABILITY_PEOPLE)  # the individuals make_data_dir imported
+    try:
+        load.start(2)
+        cluster_wait(lambda: load.acks_after(0) >= 10, 30, "binds before the freeze")
+        freeze(cluster, signal.SIGSTOP)
+        try:
+            frozen = time.monotonic()
+            time.sleep(1.0)  # the load's calls are now stuck in the database
+            stuck_before = load.acks_after(frozen)
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                stub = pb_grpc.KeyBinderServiceStub(channel)
+                slowest = 0.0
+                for _ in range(10):
+                    began = time.monotonic()
+                    health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                    stub.GetSupportedChallengeFormats(
+                        pb.GetSupportedChallengeFormatsRequest(auth_factor_type="PIN"), metadata=md, timeout=1
+                    )
+                    slowest = max(slowest, time.monotonic() - began)
+                    time.sleep(0.2)
+            assert slowest < 0.5, f"health + GetSupportedChallengeFormats took {slowest:.2f} s with the database frozen"
+            assert load.acks_after(frozen) == stuck_before == 0, "binds went through a frozen database"
+        finally:
+            freeze(cluster, signal.SIGCONT)
+        thawed = time.monotonic()
+        cluster_wait(lambda: load.acks_after(thawed) >= 10, 30, "binds after the thaw")
+    finally:
+        load.finish()
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    unexpected = [(code, why) for _, code, why in load.failures if (code, why) != RETRYABLE]
+    assert not unexpected, f"failures other than UNAVAILABLE/key_binding_failed: {unexpected[:5]}"
+
+
+def cluster_wait(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.1)
