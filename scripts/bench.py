@@ -402,14 +402,19 @@ async def count_round_trips(data_dir: Path, env: dict[str, str], url: str, indiv
             load = Load(port, partner_metadata(data_dir), channels=1)
             try:
                 await load.run(individuals[:100], 8)  # warm-up: the pool's connections, prepared statements
+                before = write_volume(url)
                 trips, xacts = proxy.round_trips, proxy.transactions
                 _elapsed, latencies, errors, _cpu = await load.run(individuals[100:], 8)
+                trips, xacts = proxy.round_trips - trips, proxy.transactions - xacts
+                after = write_volume(url)
                 binds = max(len(latencies), 1)
                 result = {
                     "binds": float(len(latencies)),
                     "errors": float(errors),
-                    "round_trips": (proxy.round_trips - trips) / binds,
-                    "transactions": (proxy.transactions - xacts) / binds,
+                    "round_trips": trips / binds,
+                    "transactions": xacts / binds,
+                    **{f"{k}_per_bind": (after[k] - before[k]) / binds for k in before if k != "row_bytes"},
+                    "row_bytes": after["row_bytes"],
                 }
             finally:
                 await load.close()
@@ -417,10 +422,40 @@ async def count_round_trips(data_dir: Path, env: dict[str, str], url: str, indiv
         await proxy.close()
     print(
         f"postgresql per bind ({len(latencies)} binds, 8 in flight, health probes included):"
-        f" {result['round_trips']:.2f} round trips, {result['transactions']:.2f} transactions",
+        f" {result['round_trips']:.2f} round trips, {result['transactions']:.2f} transactions;"
+        f" rows {result['rows_inserted_per_bind']:.2f} inserted, {result['rows_updated_per_bind']:.2f} updated;"
+        f" tables + indexes grow {result['table_bytes_per_bind']:.0f} bytes"
+        f" (rows {result['row_bytes']:.0f} bytes: binding, wallet key, audit entry)",
         flush=True,
     )
     return result
+
+
+def write_volume(url: str) -> dict[str, float]:
+    """The database's inserted/updated row counters, the size of its tables with their indexes, and the
+    average stored size of one binding + wallet key + audit entry row."""
+    import psycopg
+
+    time.sleep(2.0)  # backends flush their row counters to pg_stat_database within a second of going idle
+    with psycopg.connect(url, autocommit=True) as conn:
+        inserted, updated = conn.execute(
+            "SELECT tup_inserted, tup_updated FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone() or (0, 0)
+        size = conn.execute(
+            "SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE c.relkind = 'r' AND n.nspname = 'public' AND c.relname NOT LIKE '%yoyo%'"
+        ).fetchone()
+        row = conn.execute(
+            "SELECT (SELECT avg(pg_column_size(b.*)) FROM bindings b) + (SELECT avg(pg_column_size(w.*))"
+            " FROM wallet_keys w) + (SELECT avg(pg_column_size(a.*)) FROM audit_log a)"
+        ).fetchone()
+        row_bytes = float(row[0]) if row and row[0] is not None else 0.0
+    return {
+        "rows_inserted": float(inserted),
+        "rows_updated": float(updated),
+        "table_bytes": float(size[0] if size else 0),
+        "row_bytes": row_bytes,
+    }
 
 
 # -- the runs ---------------------------------------------------------------------------------
