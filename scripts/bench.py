@@ -32,6 +32,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -319,12 +320,26 @@ class CountingProxy:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # A loop of its own, on a thread of its own: the bench's loop blocks (waiting for the server to
+        # stop, reading the statistics), and the server's last statements must still get through.
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="counting-proxy", daemon=True)
 
-    async def start(self) -> None:
+    def start(self) -> None:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+
+    async def _start(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
-    async def close(self) -> None:
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    async def _close(self) -> None:
         if self._server is not None:
             self._server.close()
         for task in self._tasks:
@@ -394,7 +409,7 @@ async def count_round_trips(data_dir: Path, env: dict[str, str], url: str, indiv
     """Round trips and transactions per bind, through CountingProxy (1 worker, 8 in flight)."""
     parts = urlsplit(url)
     proxy = CountingProxy((parts.hostname or "127.0.0.1", parts.port or 5432))
-    await proxy.start()
+    proxy.start()
     user = f"{parts.username}@" if parts.username else ""
     proxied = f"postgresql://{user}127.0.0.1:{proxy.port}{parts.path}?sslmode=disable&gssencmode=disable"
     try:
@@ -402,11 +417,11 @@ async def count_round_trips(data_dir: Path, env: dict[str, str], url: str, indiv
             load = Load(port, partner_metadata(data_dir), channels=1)
             try:
                 await load.run(individuals[:100], 8)  # warm-up: the pool's connections, prepared statements
-                before = write_volume(url)
+                before = await asyncio.to_thread(write_volume, url)
                 trips, xacts = proxy.round_trips, proxy.transactions
                 _elapsed, latencies, errors, _cpu = await load.run(individuals[100:], 8)
                 trips, xacts = proxy.round_trips - trips, proxy.transactions - xacts
-                after = write_volume(url)
+                after = await asyncio.to_thread(write_volume, url)
                 binds = max(len(latencies), 1)
                 result = {
                     "binds": float(len(latencies)),
@@ -419,7 +434,7 @@ async def count_round_trips(data_dir: Path, env: dict[str, str], url: str, indiv
             finally:
                 await load.close()
     finally:
-        await proxy.close()
+        proxy.close()
     print(
         f"postgresql per bind ({len(latencies)} binds, 8 in flight, health probes included):"
         f" {result['round_trips']:.2f} round trips, {result['transactions']:.2f} transactions;"
@@ -436,7 +451,9 @@ def write_volume(url: str) -> dict[str, float]:
     average stored size of one binding + wallet key + audit entry row."""
     import psycopg
 
-    time.sleep(2.0)  # backends flush their row counters to pg_stat_database within a second of going idle
+    # An idle backend that flushed its counters less than a second ago holds the next ones for up to
+    # 10 s (PostgreSQL 15's PGSTAT_IDLE_INTERVAL): wait that out, so every counted row is in the view.
+    time.sleep(11.0)
     with psycopg.connect(url, autocommit=True) as conn:
         inserted, updated = conn.execute(
             "SELECT tup_inserted, tup_updated FROM pg_stat_database WHERE datname = current_database()"
