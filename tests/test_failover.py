@@ -119,7 +119,7 @@ class Load:
 
 @dataclass
 class HealthWatch:
-    """grpc.health.v1 Check every 100 ms, each answer (or failure to answer in time) with its time."""
+    """grpc.health.v1 Check every 100 ms, each answer (or failure to answer within 2 s) with its time."""
 
     port: int
     samples: list[tuple[float, str]] = field(default_factory=list)
@@ -131,7 +131,7 @@ class HealthWatch:
             stub = health_pb2_grpc.HealthStub(channel)
             while not self.stop.is_set():
                 try:
-                    answer = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                    answer = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
                     status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
                 except grpc.RpcError as err:
                     status = f"error:{err.code().name}"
@@ -372,13 +372,14 @@ def test_frozen_database_does_not_stall_health_or_other_rpcs(
                 slowest = 0.0
                 for _ in range(10):
                     began = time.monotonic()
-                    health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                    health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
                     stub.GetSupportedChallengeFormats(
-                        pb.GetSupportedChallengeFormatsRequest(auth_factor_type="PIN"), metadata=md, timeout=1
+                        pb.GetSupportedChallengeFormatsRequest(auth_factor_type="PIN"), metadata=md, timeout=5
                     )
                     slowest = max(slowest, time.monotonic() - began)
                     time.sleep(0.2)
-            assert slowest < 0.5, f"health + GetSupportedChallengeFormats took {slowest:.2f} s with the database frozen"
+            # Well below the pool's wait (5 s), which is what a call stuck behind the database would take.
+            assert slowest < 1.0, f"health + GetSupportedChallengeFormats took {slowest:.2f} s with the database frozen"
             assert load.acks_after(frozen) == stuck_before == 0, "binds went through a frozen database"
         finally:
             freeze(cluster, signal.SIGCONT)
