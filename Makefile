@@ -10,7 +10,7 @@ SOFTHSM_MODULE ?= /usr/lib/softhsm/libsofthsm2.so
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 KB       := $(BIN)/keybinder
 
-.PHONY: help run test setup deps dev-deps softhsm hsm-deps node node-deps buf-lint buf-breaking bench layers lint typecheck proto proto-check demo clean java-deps esignet-plugin
+.PHONY: help run test setup deps dev-deps softhsm hsm-deps failover-deps failover node node-deps buf-lint buf-breaking bench layers lint typecheck proto proto-check demo clean java-deps esignet-plugin
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -18,7 +18,7 @@ help:  ## list the targets
 run: setup  ## set everything up and serve on 127.0.0.1:50051
 	exec $(KB) serve --data-dir $(DATA_DIR)
 
-test: setup dev-deps hsm-deps node-deps esignet-plugin lint typecheck proto-check buf-lint buf-breaking  ## set up, check style/types/generated code and the proto, run every test
+test: setup dev-deps hsm-deps failover-deps node-deps esignet-plugin lint typecheck proto-check buf-lint buf-breaking  ## set up, check style/types/generated code and the proto, run every test
 	$(BIN)/pytest
 
 setup: deps softhsm  ## venv, SoftHSM2, token, issuer, database, demo identity and partner (idempotent)
@@ -71,6 +71,23 @@ hsm-deps: softhsm  ## install p11-kit and openCryptoki from apt when missing (fo
 
 layers: dev-deps  ## fail on an import that points the wrong way (tests/test_layers.py)
 	$(BIN)/pytest -q -p no:cacheprovider tests/test_layers.py
+
+# The failover test runs a pg_auto_failover cluster (monitor, primary, synchronous secondary) of its own
+# (tests/pgaf.py); Debian ships it for PostgreSQL 15.
+PG_AUTOCTL := /usr/bin/pg_autoctl
+PGAF_EXTENSION := /usr/share/postgresql/15/extension/pgautofailover.control
+
+failover-deps:  ## install pg_auto_failover (PostgreSQL 15) from apt when missing (for the failover test)
+	@if [ ! -x $(PG_AUTOCTL) ] || [ ! -e $(PGAF_EXTENSION) ]; then \
+		echo "installing pg_auto_failover (apt-get)"; \
+		$(SUDO) apt-get -o DPkg::Lock::Timeout=600 update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+			postgresql-15-auto-failover pg-auto-failover-cli >/dev/null; \
+	fi
+	@test -x $(PG_AUTOCTL) && test -e $(PGAF_EXTENSION) || { echo "pg_auto_failover still missing"; exit 1; }
+
+failover: setup dev-deps failover-deps  ## watch the failover test: kill the PostgreSQL primary under load, twice
+	$(BIN)/pytest tests/test_failover.py -v -s -p no:cacheprovider
 
 lint: dev-deps  ## ruff check and format check
 	$(BIN)/ruff check .

@@ -1199,6 +1199,58 @@ def id_hmac_params(statement: str, params: Any) -> list[Any]:
     return [params[statement[: m.start()].count("%s")] for m in re.finditer(r"\b(?:id_hmac|chain_key) = %s", statement)]
 
 
+def test_pg_commit_binding_again_after_an_unknown_outcome_is_success(pg_url: str) -> None:
+    """kb_commit_binding is one autocommitted call, retried on a fresh connection when its connection dies:
+    a second call with the same binding (its commit's outcome unknown to the caller) finds it and succeeds,
+    consuming nothing twice and writing no second audit entry."""
+    s = empty_pg_store(pg_url)
+    try:
+        id_hmac = new_id()
+        otp = make_otp(id_hmac)
+        s.replace_otp(otp)
+        binding = make_binding(id_hmac)
+        ok = individual_event(id_hmac, T0, PARTNER, "do_key_binding", "success", subject="psut:x")
+        for _ in range(2):
+            s.commit_binding(binding, consume_otp=otp.transaction_id, now=T0, audit=ok)
+        assert s.count_rows("bindings") == 1
+        assert s.active_binding(id_hmac, PARTNER, "WLA") == binding
+        assert s.otp_state(otp.transaction_id) == ("used", 0)
+        assert len(all_audit_rows(s)) == 1
+        with pytest.raises(ValueError, match="own chain"):  # the function writes the individual's chain only
+            s.commit_binding(make_binding(id_hmac), consume_otp=None, now=T0, audit=replace(ok, chain_key=new_id()))
+    finally:
+        s.close()
+
+
+def test_pg_commit_binding_function_stays_on_the_individuals_shard(pg_url: str) -> None:
+    """Every statement in kb_commit_binding's body names the individual (p_id_hmac), as the sharding test
+    requires of the store's own statements; the audit entry goes to the individual's chain."""
+    s = empty_pg_store(pg_url)
+    try:
+        with psycopg.connect(pg_url) as conn:
+            row = conn.execute("SELECT prosrc FROM pg_proc WHERE proname = 'kb_commit_binding'").fetchone()
+    finally:
+        s.close()
+    assert row is not None
+    body = re.sub(r"--[^\n]*", "", str(row[0]))
+    statements = [" ".join(st.lower().split()) for st in body.split(";")]
+    checked = 0
+    for statement in statements:
+        statement = re.sub(r"^.*?\b(?=update |insert into |select )", "", statement)
+        tables = tables_of(statement) & (PER_INDIVIDUAL_TABLES | PER_CHAIN_TABLES)
+        if not tables:
+            continue
+        keyed = statement.replace("= p_id_hmac", "= %s")
+        if statement.startswith("insert into audit_log"):
+            assert keyed_by_id_hmac(keyed, "chain_key")
+            assert "select p_id_hmac," in statement  # the chain_key inserted is the individual's own
+            assert keyed.count("where a.chain_key = %s") == 2  # and the chain's head is read from it
+        else:
+            assert keyed_by_id_hmac(keyed), statement
+        checked += 1
+    assert checked >= 5, statements
+
+
 def test_pg_each_write_transaction_stays_on_one_individuals_shard(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A write transaction touches one individual's rows (every ID-HMAC it passes is the same one), or only
     a table distributed otherwise (wallet_keys by key, issuers replicated) — never both."""
@@ -1207,10 +1259,10 @@ def test_pg_each_write_transaction_stays_on_one_individuals_shard(pg_url: str, m
     original_run = pg.PostgresStore._run
     original_execute = psycopg.Cursor.execute
 
-    def run(self: pg.PostgresStore, work: Any, *, write: bool, retry_conflict: bool = True) -> Any:
+    def run(self: pg.PostgresStore, work: Any, *, write: bool, **kwargs: Any) -> Any:
         current.append([])
         try:
-            return original_run(self, work, write=write, retry_conflict=retry_conflict)
+            return original_run(self, work, write=write, **kwargs)
         finally:
             statements = current.pop()
             if write:  # reads run in autocommit: each statement is its own transaction

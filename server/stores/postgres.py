@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -29,6 +30,12 @@ Cur = psycopg.Cursor[TupleRow]
 #: How long a request waits for a pooled connection, and a new connection for the server.
 POOL_TIMEOUT_SECONDS: Final = 5.0
 CONNECT_TIMEOUT_SECONDS: Final = 5
+#: How long the pool keeps retrying (with doubling waits: 1, 2, 4, 8 s…) to replace a connection it lost.
+#: Short, so that after a failover a retry is never many seconds away: a chain that gives up leaves the
+#: pool short of a connection, and the next request that has to wait starts a fresh attempt at once.
+#: (psycopg_pool's default, 5 minutes, measured ~15 s from a primary's death to the first bind after a
+#: ~9 s promotion: the attempts fell at 0, 1, 3, 7 and 15 s.)
+RECONNECT_TIMEOUT_SECONDS: Final = 5.0
 #: Like SQLite's busy timeout: a lock wait (row or advisory) longer than this fails as retryable.
 LOCK_TIMEOUT_MS: Final = 5_000
 #: Bounds a runaway statement; the admin row counts are the only scans and fit well within it.
@@ -100,9 +107,6 @@ SQL_OTP_STATE: Final = "SELECT state, attempts FROM otps WHERE transaction_id = 
 SQL_CONSUME_OTP: Final = (
     "UPDATE otps SET state = 'used' WHERE id_hmac = %s AND transaction_id = %s AND state = 'pending'"
 )
-SQL_CONSUME_NONCE: Final = (
-    "UPDATE binding_nonces SET used_at = %s WHERE id_hmac = %s AND nonce = %s AND used_at IS NULL"
-)
 
 # wallet_keys is distributed by key_fingerprint, not id_hmac (a key's owner is a global fact). Both
 # statements are single-row and run in their own transaction (autocommit), never inside an individual's
@@ -113,15 +117,17 @@ SQL_CLAIM_KEY: Final = (
     " ON CONFLICT (key_fingerprint) DO NOTHING"
 )
 
-SQL_SUPERSEDE_ACTIVE: Final = (
-    "UPDATE bindings SET status = 'superseded', superseded_at = %s"
-    " WHERE id_hmac = %s AND partner_id = %s AND auth_factor_type = %s AND status = 'active'"
+# The binding transaction (lock, OTP/nonce consumption, supersede, insert, audit entry) in one statement and
+# one round trip: a function (migration 0007) whose every statement names p_id_hmac, the individual's shard
+# (on Citus a function distributed by p_id_hmac). Autocommit makes the call its own transaction.
+SQL_COMMIT_BINDING: Final = (
+    "SELECT kb_commit_binding(%s::bytea, %s::text, %s::text, %s::text, %s::text, %s::text, %s::text, %s::text,"
+    " %s::text, %s::timestamptz, %s::timestamptz, %s::timestamptz, %s::integer, %s::integer, %s::text, %s::text,"
+    " %s::timestamptz, %s::text, %s::text, %s::text, %s::text, %s::text, %s::bytea, %s::bytea)"
 )
-SQL_INSERT_BINDING: Final = (
-    "INSERT INTO bindings (id_hmac, partner_id, auth_factor_type, psut, key_fingerprint, certificate_pem,"
-    " cert_thumbprint, serial_hex, issuer_key_label, status, created_at, expires_at)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, 'active', %s, %s)"
-)
+#: SQLSTATEs kb_commit_binding raises when the OTP or the nonce it should consume was spent already.
+SQLSTATE_OTP_USED: Final = "KB001"
+SQLSTATE_NONCE_USED: Final = "KB002"
 # The f-strings below only splice in the constant column list (hence noqa: S608).
 SQL_BINDINGS_FOR: Final = f"SELECT {BINDING_COLUMNS} FROM bindings WHERE id_hmac = %s AND partner_id = %s ORDER BY id"  # noqa: S608
 SQL_ACTIVE_BINDING: Final = (
@@ -307,9 +313,22 @@ def migrations_dir() -> str:
     return str(Path(__file__).resolve().parent.parent / "migrations" / "postgresql")
 
 
+def writable_host_url(url: str) -> str:
+    """A multi-host URL (``host=a,b``, as pg_auto_failover prints it) narrowed to the host that is read-write
+    now, for yoyo, which parses one host only; any other URL as it is."""
+    parts = urlsplit(libpq_url(url))
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if "," not in hosts:
+        return url
+    with psycopg.connect(libpq_url(url), connect_timeout=CONNECT_TIMEOUT_SECONDS) as conn:
+        host, port = conn.info.host, conn.info.port
+    host = f"[{host}]" if ":" in host else host
+    return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{host}:{port}"))
+
+
 def migrate(url: str) -> int:
     """Apply pending schema migrations; returns how many were applied."""
-    backend = get_backend(yoyo_url(url))
+    backend = get_backend(yoyo_url(writable_host_url(url)))
     try:
         migrations = read_migrations(migrations_dir())
         # yoyo's lock table keeps two processes (e.g. two replicas running `init`) from migrating at once.
@@ -382,20 +401,29 @@ class PostgresStore:
                         kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_SECONDS},
                         configure=_configure,
                         timeout=POOL_TIMEOUT_SECONDS,
+                        reconnect_timeout=RECONNECT_TIMEOUT_SECONDS,
                         name="keybinder",
                         open=True,
                     )
                 pool = self._pool
         return pool
 
-    def _run(self, work: Callable[[Cur], T], *, write: bool, retry_conflict: bool = True) -> T:
-        """Run ``work`` on a pooled connection: in one transaction when ``write``, else as it comes."""
+    def _run(
+        self, work: Callable[[Cur], T], *, write: bool, retry_conflict: bool = True, one_statement: bool = False
+    ) -> T:
+        """Run ``work`` on a pooled connection: in one transaction when ``write``, else as it comes.
+
+        ``one_statement``: ``work`` is a single autocommitted write (a function call), its own transaction
+        with no BEGIN/COMMIT round trips. If the connection dies its outcome is unknown, and it is run again
+        on a fresh connection only because the function is idempotent (kb_commit_binding: a binding that is
+        already there is success).
+        """
         for attempt in (1, 2):
             conn: Conn | None = None
             committing = False
             try:
                 with self._get_pool().connection() as conn:
-                    if not write:
+                    if not write or one_statement:
                         with conn.cursor() as cur:
                             return work(cur)
                     with conn.transaction():
@@ -547,17 +575,13 @@ class PostgresStore:
         return bytes(rows[0][0]) if rows else None
 
     @staticmethod
-    def _consume(cur: Cur, id_hmac: bytes, otp: str | None, nonce: str | None, now: datetime) -> None:
+    def _consume_otp(cur: Cur, id_hmac: bytes, otp: str | None) -> None:
         # Scoped to the individual as well as the id: on a distributed database that names the shard, and
-        # nobody can spend another individual's OTP or nonce.
+        # nobody can spend another individual's OTP.
         if otp is not None:
             cur.execute(SQL_CONSUME_OTP, (id_hmac, otp))
             if cur.rowcount != 1:
                 raise OtpAlreadyUsed(otp)
-        if nonce is not None:
-            cur.execute(SQL_CONSUME_NONCE, (_utc(now), id_hmac, nonce))
-            if cur.rowcount != 1:
-                raise OtpAlreadyUsed(nonce)
 
     def claim_key(self, key_fingerprint: str, id_hmac: bytes, now: datetime) -> None:
         def work(cur: Cur) -> bytes | None:
@@ -586,31 +610,32 @@ class PostgresStore:
         audit: AuditEvent | None = None,
     ) -> None:
         b = binding
+        if audit is not None and audit.chain_key != b.id_hmac:
+            raise ValueError("a binding's audit entry belongs to the individual's own chain")
+        params = (
+            *(b.id_hmac, b.partner_id, b.auth_factor_type, b.psut, b.key_fingerprint, b.certificate_pem),
+            *(b.cert_thumbprint, b.serial_hex, b.issuer_key_label, _utc(b.created_at), _utc(b.expires_at)),
+            *(_utc(now), LOCK_NAMESPACE, _lock_key(b.id_hmac), consume_otp, consume_nonce),
+            *(
+                (_utc(audit.at), audit.partner_id, audit.action, audit.outcome, audit.reason, audit.subject)
+                if audit is not None
+                else (None,) * 6
+            ),
+            audit.payload() if audit is not None else None,
+            GENESIS,
+        )
 
         def work(cur: Cur) -> None:
-            self._lock_individual(cur, b.id_hmac)
-            self._consume(cur, b.id_hmac, consume_otp, consume_nonce, now)
-            cur.execute(SQL_SUPERSEDE_ACTIVE, (_utc(now), b.id_hmac, b.partner_id, b.auth_factor_type))
-            cur.execute(
-                SQL_INSERT_BINDING,
-                (
-                    b.id_hmac,
-                    b.partner_id,
-                    b.auth_factor_type,
-                    b.psut,
-                    b.key_fingerprint,
-                    b.certificate_pem,
-                    b.cert_thumbprint,
-                    b.serial_hex,
-                    b.issuer_key_label,
-                    _utc(b.created_at),
-                    _utc(b.expires_at),
-                ),
-            )
-            if audit is not None:
-                self._append_audit(cur, audit)
+            cur.execute(SQL_COMMIT_BINDING, params)
 
-        self._run(work, write=True)
+        try:
+            self._run(work, write=True, one_statement=True)
+        except psycopg.DatabaseError as err:
+            if err.sqlstate == SQLSTATE_OTP_USED:
+                raise OtpAlreadyUsed(consume_otp) from err
+            if err.sqlstate == SQLSTATE_NONCE_USED:
+                raise OtpAlreadyUsed(consume_nonce) from err
+            raise
 
     def bindings_for(self, id_hmac: bytes, partner_id: str) -> Sequence[Binding]:
         return [_binding(r) for r in self._read(SQL_BINDINGS_FOR, (id_hmac, partner_id))]
@@ -648,7 +673,7 @@ class PostgresStore:
             row = cur.fetchone()
             if row is None:
                 return None  # nothing changed; the OTP stays usable
-            self._consume(cur, id_hmac, consume_otp, None, now)
+            self._consume_otp(cur, id_hmac, consume_otp)
             if audit is not None:
                 self._append_audit(cur, audit)
             return row
