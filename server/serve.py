@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from hsm import HsmError, Pkcs11KeyManager
 from server import metrics
 from server.app import App, build_app
-from server.config import Settings
+from server.config import Settings, redact_url
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.grpc_api.decoding import MAX_WIRE_BYTES, add_servicer
 from server.grpc_api.servicer import KeyBinderServicer
+from server.process import StartupError, check_address_free, check_private
+from server.stores import pending_migrations, sqlite_path
 from server.tls import ReloadingCredentials, TlsFiles, check_listen, load
 
 log = logging.getLogger(__name__)
@@ -168,6 +173,106 @@ def preflight(settings: Settings) -> None:
     files = tls_files(settings)
     if files is not None:
         load(files)
+
+
+def secret_files(settings: Settings) -> list[tuple[Path, str]]:
+    """Every file holding a secret the server reads or writes, with what it is."""
+    files: list[tuple[Path, str]] = []
+
+    def source(value: str | None, what: str) -> None:
+        if value and not value.startswith("env:"):
+            files.append((Path(value.removeprefix("file:")), what))
+
+    source(settings.pkcs11_uri.pin_source, "HSM PIN file")
+    files.append((settings.so_pin_file, "HSM SO PIN file"))
+    files.append((settings.demo_partner_key_file, "demo partner API key file"))
+    if settings.tls_key is not None:
+        files.append((settings.tls_key, "TLS private key"))
+    if settings.email_notifier == "smtp" and settings.smtp_username:
+        source(settings.smtp_password_source, "SMTP password file")
+    if "webhook" in (settings.email_notifier, settings.phone_notifier):
+        source(settings.webhook_secret_source, "webhook secret file")
+    database = sqlite_path(settings.database)
+    if database is not None:  # ID-HMACs, contacts, PIN-HMACs, the audit trail
+        files.extend((Path(f"{database}{suffix}"), "database file") for suffix in ("", "-wal", "-shm"))
+    return files
+
+
+def _softhsm_token_dir(settings: Settings) -> Path | None:
+    """The token directory SoftHSM will use, when it is SoftHSM configured by a file we can read."""
+    conf = os.environ.get("SOFTHSM2_CONF")
+    if conf is None or "softhsm" not in settings.pkcs11_uri.module_path:
+        return None
+    try:
+        lines = Path(conf).read_text().splitlines()
+    except OSError as err:
+        raise StartupError(f"cannot read the SoftHSM configuration {conf}: {err.strerror}") from err
+    for line in lines:
+        name, sep, value = line.partition("=")
+        if sep and name.strip() == "directories.tokendir":
+            return Path(value.strip())
+    return None
+
+
+def check_hsm(settings: Settings) -> None:
+    """Log in to the token and find the HMAC key; the error names what is missing."""
+    settings.apply_environment()
+    uri = settings.pkcs11_uri
+    if not Path(uri.module_path).exists():
+        raise StartupError(f"the PKCS#11 module {uri.module_path} does not exist (check hsm_uri's module-path)")
+    tokens = _softhsm_token_dir(settings)
+    if tokens is not None and not tokens.is_dir():
+        raise StartupError(
+            f"the SoftHSM token directory {tokens} does not exist (directories.tokendir in "
+            f"{os.environ['SOFTHSM2_CONF']}); restore it or run `keybinder init`"
+        )
+    # Quiet while checking: a start that fails prints its one line, not the steps that went well first.
+    hsm_log = logging.getLogger("hsm")
+    level = hsm_log.level
+    hsm_log.setLevel(logging.WARNING)
+    keys = Pkcs11KeyManager(uri)
+    try:
+        keys.session.open()
+        if not keys.exists(settings.hmac_key_label, "secret"):
+            raise StartupError(
+                f"the HMAC key {settings.hmac_key_label!r} is not on token {uri.token!r}; run `keybinder init`"
+            )
+    except HsmError as err:
+        raise StartupError(f"HSM: {err}") from err
+    finally:
+        keys.close()
+        hsm_log.setLevel(level)
+
+
+def check_database(settings: Settings) -> None:
+    """The database answers and its schema is current: otherwise the server would only ever be NOT_SERVING."""
+    where = redact_url(settings.database)
+    try:
+        pending = pending_migrations(settings.database)
+    except FileNotFoundError as err:
+        raise StartupError(f"{err}; run `keybinder init` (or `keybinder migrate`) first") from err
+    except Exception as err:  # the driver's error: unreachable server, no such database, no permission
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise StartupError(f"cannot use the database {where}: {first}") from err
+    if pending:
+        raise StartupError(f"the database {where} needs {pending} schema migration(s); run `keybinder migrate` first")
+
+
+def check_start(settings: Settings) -> None:
+    """Everything `serve` needs, checked once before any worker starts; StartupError (one line) if not.
+
+    Order: what costs nothing first, so the cheapest mistake is the one reported.
+    """
+    try:
+        settings.database  # noqa: B018 - the property checks the URL scheme
+    except ValueError as err:
+        raise StartupError(f"configuration error: {err}") from err
+    for path, what in secret_files(settings):
+        check_private(path, what)
+    host, port = settings.host_port
+    check_address_free(host, port)
+    check_hsm(settings)
+    check_database(settings)
 
 
 async def serve(settings: Settings, on_ready: Callable[[int], None] | None = None, *, reuse_port: bool = False) -> None:

@@ -1,0 +1,255 @@
+"""The serving processes as an operator and an attacker meet them: one instance per address, workers that die
+with their supervisor, a restart right after a loaded stop, owner-only files, one-line start-up errors."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import stat
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server.gen.keybinder.v1 import keybinder_pb2 as pb
+from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
+from tests.test_cli import KEYBINDER, cli_env, make_data_dir, partner_md
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_data_dir(tmp_path_factory.mktemp("process-data"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def serve(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """`keybinder serve` in a process group of its own (so a test can always clean the whole tree up)."""
+    return subprocess.Popen(
+        [*KEYBINDER, "serve", "--data-dir", str(data_dir), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env() | (env or {}),
+        start_new_session=True,
+    )
+
+
+def listening(proc: subprocess.Popen[str]) -> int:
+    """The port a started server announced; fails the test with its stderr when it did not start."""
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("keybinder listening on "):
+        kill_tree(proc)
+        pytest.fail(f"serve did not start: {line!r} {proc.communicate(timeout=10)[1][-3000:]}")
+    return int(line.split()[3].rsplit(":", 1)[1])
+
+
+def kill_tree(proc: subprocess.Popen[str]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+
+
+@contextlib.contextmanager
+def served(
+    data_dir: Path, *args: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    proc = serve(data_dir, *args, env=env)
+    try:
+        yield proc, listening(proc)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(40)
+            except subprocess.TimeoutExpired:
+                kill_tree(proc)
+        kill_tree(proc)  # anything left in the group (a worker that outlived its supervisor)
+
+
+def wait_for(condition: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def workers_of(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False).stdout.split()
+    found = []
+    for child in out:
+        with contextlib.suppress(OSError):
+            if "spawn_main" in Path(f"/proc/{child}/cmdline").read_text():
+                found.append(int(child))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def listeners(port: int) -> int:
+    """Sockets listening on ``port`` (ss), whoever owns them."""
+    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    return len(out.splitlines())
+
+
+def port_free(port: int) -> bool:
+    """Nobody holds the port: a plain bind (no SO_REUSEPORT) succeeds."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def start_fails(data_dir: Path, *args: str, env: dict[str, str] | None = None, seconds: float = 90) -> list[str]:
+    """Start a server that must refuse to start: it exits non-zero without announcing a port; returns the
+    lines of its stderr (a server that starts anyway is stopped and fails the test)."""
+    proc = serve(data_dir, *args, env=env)
+    assert proc.stdout is not None
+    try:
+        line = proc.stdout.readline()
+        if line.startswith("keybinder listening on "):
+            pytest.fail(f"serve started although it must refuse to: {line.strip()!r}")
+        proc.wait(seconds)
+    finally:
+        kill_tree(proc)
+    assert proc.returncode not in (0, None)
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    assert "Traceback" not in err, err
+    return err.strip().splitlines()
+
+
+def health(port: int, timeout: float = 2.0) -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            return int(
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout).status
+            )
+        except grpc.RpcError:
+            return -1
+
+
+# -- item 15: workers die with their supervisor --------------------------------------------------
+
+
+def test_workers_die_with_a_killed_supervisor_and_free_the_port(data_dir: Path) -> None:
+    with served(data_dir, "--port", "0", "--workers", "2") as (proc, port):
+        workers = workers_of(proc.pid)
+        assert len(workers) == 2
+        assert health(port) == health_pb2.HealthCheckResponse.SERVING
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        gone = wait_for(lambda: not any(alive(w) for w in workers), 5.0)
+        survivors = [w for w in workers if alive(w)]
+        assert gone, f"workers {survivors} outlived their supervisor"
+        assert wait_for(lambda: port_free(port), 5.0), "the port is still held after the supervisor died"
+
+
+# -- item 8: a second serve on an address already served is refused -------------------------------
+
+
+@pytest.mark.parametrize(("first", "second"), [("2", "2"), ("1", "2"), ("2", "1"), ("1", "1")])
+def test_a_second_serve_on_a_served_address_is_refused(data_dir: Path, first: str, second: str) -> None:
+    port = free_port()
+    with served(data_dir, "--port", str(port), "--workers", first) as (proc, _):
+        before = listeners(port)
+        lines = start_fails(data_dir, "--port", str(port), "--workers", second)
+        assert len(lines) == 1, lines
+        assert f"127.0.0.1:{port}" in lines[0]
+        assert "in use" in lines[0]
+        assert listeners(port) == before
+        assert health(port) == health_pb2.HealthCheckResponse.SERVING
+        assert proc.poll() is None
+
+
+# -- item 19: a restart right after a loaded server stops ------------------------------------------
+
+
+def load_then_stop(proc: subprocess.Popen[str], port: int, data_dir: Path) -> int:
+    """Calls, then idle connections still open when the server goes: the server closes them first, so its
+    side of each lingers on the port (FIN-WAIT-2, then TIME_WAIT); returns how many lingered."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        for _ in range(20):
+            pb_grpc.KeyBinderServiceStub(channel).GetSupportedChallengeFormats(
+                pb.GetSupportedChallengeFormatsRequest(auth_factor_type="PIN"), metadata=partner_md(data_dir), timeout=5
+            )
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
+    try:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(40) == 0
+        return lingering(port)
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def lingering(port: int) -> int:
+    """Connections of the port that are neither listening nor established (closing, TIME_WAIT)."""
+    out = subprocess.run(
+        ["ss", "-Htan", "exclude", "listening", "exclude", "established", f"sport = :{port}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return len(out.splitlines())
+
+
+@pytest.mark.parametrize(("before", "after"), [("1", "2"), ("2", "1"), ("2", "2")])
+def test_restart_right_after_a_loaded_stop_binds_the_port(data_dir: Path, before: str, after: str) -> None:
+    port = free_port()
+    with served(data_dir, "--port", str(port), "--workers", before) as (proc, _):
+        assert load_then_stop(proc, port, data_dir) > 0, "the stopped server left no connection behind"
+    with served(data_dir, "--port", str(port), "--workers", after) as (_, again):
+        assert again == port
+        assert health(port) == health_pb2.HealthCheckResponse.SERVING
+
+
+# -- item 9: owner-only files, and secrets checked at start ----------------------------------------
+
+
+def test_every_file_the_server_creates_is_owner_only(tmp_path: Path) -> None:
+    fresh = make_data_dir(tmp_path / "data")
+    with served(fresh, "--port", "0", "--workers", "1") as (_, port):
+        assert health(port) == health_pb2.HealthCheckResponse.SERVING
+        created = [p for p in fresh.rglob("*") if p.is_file()]
+        assert any(p.name == "keybinder.db" for p in created)
+        loose = {str(p.relative_to(fresh)): oct(p.stat().st_mode & 0o777) for p in created if p.stat().st_mode & 0o077}
+        assert not loose, f"readable by others: {loose}"
+
+
+@pytest.mark.parametrize("secret", ["hsm-pin", "demo-partner.key", "keybinder.db"])
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_secret_readable_by_others_stops_the_start(data_dir: Path, secret: str, workers: str) -> None:
+    path = data_dir / secret
+    mode = stat.S_IMODE(path.stat().st_mode)
+    path.chmod(0o644)
+    try:
+        lines = start_fails(data_dir, "--port", "0", "--workers", workers)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, "the operator's file is left as it was"
+    finally:
+        path.chmod(mode)
+    assert len(lines) == 1, lines
+    assert str(path) in lines[0]
+    assert f"chmod 600 {path}" in lines[0]
