@@ -7,18 +7,22 @@ import contextlib
 import os
 import signal
 import socket
+import sqlite3
 import stat
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from server.config import DEFAULT_TOKEN
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
+from tests.conftest import PG_ADMIN_URL, SOFTHSM_MODULE, fresh_database
 from tests.test_cli import KEYBINDER, cli_env, make_data_dir, partner_md
 
 
@@ -253,3 +257,89 @@ def test_a_secret_readable_by_others_stops_the_start(data_dir: Path, secret: str
     assert len(lines) == 1, lines
     assert str(path) in lines[0]
     assert f"chmod 600 {path}" in lines[0]
+
+
+# -- item 18: start-up errors are found before any worker starts, and said in one line -------------
+
+
+def _hsm_uri(
+    data_dir: Path, *, token: str = DEFAULT_TOKEN, module: str = SOFTHSM_MODULE, pin: Path | None = None
+) -> str:
+    pin_file = pin or data_dir / "hsm-pin"
+    return f"pkcs11:token={token};object=keybinder-issuer?module-path={module}&pin-source=file:{pin_file}"
+
+
+@dataclass(frozen=True)
+class BadStart:
+    """A broken set-up: environment for serve, an optional change to the data directory, the words expected."""
+
+    env: Callable[[Path, Path], dict[str, str]]
+    expected: str
+    break_dir: Callable[[Path], Callable[[], None]] | None = None
+
+
+def _wrong_pin(data_dir: Path, tmp: Path) -> dict[str, str]:
+    wrong = tmp / "wrong-pin"
+    wrong.write_text("not-the-pin\n")
+    wrong.chmod(0o600)
+    return {"KEYBINDER_HSM_URI": _hsm_uri(data_dir, pin=wrong)}
+
+
+def _unmigrated_sqlite(data_dir: Path, tmp: Path) -> dict[str, str]:
+    empty = tmp / "empty.db"
+    sqlite3.connect(empty).close()
+    empty.chmod(0o600)
+    return {"KEYBINDER_DATABASE_URL": f"sqlite:///{empty}"}
+
+
+def _move_tokens(data_dir: Path) -> Callable[[], None]:
+    (data_dir / "tokens").rename(data_dir / "tokens.away")
+    return lambda: (data_dir / "tokens.away").rename(data_dir / "tokens")
+
+
+BAD_STARTS = {
+    "wrong-pin": BadStart(_wrong_pin, "PIN"),
+    "missing-module": BadStart(
+        lambda d, t: {"KEYBINDER_HSM_URI": _hsm_uri(d, module="/nonexistent/libpkcs11.so")},
+        "/nonexistent/libpkcs11.so does not exist",
+    ),
+    "missing-token": BadStart(lambda d, t: {"KEYBINDER_HSM_URI": _hsm_uri(d, token="no-such-token")}, "no-such-token"),
+    "missing-pin-file": BadStart(lambda d, t: {"KEYBINDER_HSM_URI": _hsm_uri(d, pin=t / "no-pin-file")}, "no-pin-file"),
+    "missing-token-directory": BadStart(lambda d, t: {}, "token directory", _move_tokens),
+    "bad-database-scheme": BadStart(lambda d, t: {"KEYBINDER_DATABASE_URL": "mysql://db/kb"}, "sqlite:///path"),
+    "missing-sqlite-file": BadStart(
+        lambda d, t: {"KEYBINDER_DATABASE_URL": f"sqlite:///{t}/gone/keybinder.db"}, "does not exist"
+    ),
+    "unmigrated-sqlite": BadStart(_unmigrated_sqlite, "keybinder migrate"),
+    "unreachable-postgres": BadStart(
+        lambda d, t: {"KEYBINDER_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/kb"},
+        "cannot use the database",
+    ),
+    "missing-postgres-database": BadStart(
+        lambda d, t: {"KEYBINDER_DATABASE_URL": PG_ADMIN_URL.rsplit("/", 1)[0] + "/kb_no_such_database"},
+        "kb_no_such_database",
+    ),
+}
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("case", sorted(BAD_STARTS))
+def test_a_bad_start_is_one_line_and_a_non_zero_exit(data_dir: Path, tmp_path: Path, case: str, workers: str) -> None:
+    bad = BAD_STARTS[case]
+    restore = bad.break_dir(data_dir) if bad.break_dir is not None else None
+    try:
+        lines = start_fails(data_dir, "--port", "0", "--workers", workers, env=bad.env(data_dir, tmp_path), seconds=60)
+    finally:
+        if restore is not None:
+            restore()
+    assert len(lines) == 1, "\n".join(lines)
+    assert lines[0].startswith("error:"), lines[0]
+    assert bad.expected in lines[0], lines[0]
+    assert "not-the-pin" not in lines[0]
+
+
+def test_an_unmigrated_postgres_schema_is_refused(data_dir: Path) -> None:
+    with fresh_database("kb_unmigrated") as url:
+        lines = start_fails(data_dir, "--port", "0", "--workers", "2", env={"KEYBINDER_DATABASE_URL": url}, seconds=60)
+    assert len(lines) == 1, "\n".join(lines)
+    assert "keybinder migrate" in lines[0]
