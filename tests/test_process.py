@@ -294,7 +294,11 @@ def _unmigrated_sqlite(data_dir: Path, tmp: Path) -> dict[str, str]:
 
 def _move_tokens(data_dir: Path) -> Callable[[], None]:
     (data_dir / "tokens").rename(data_dir / "tokens.away")
-    return lambda: (data_dir / "tokens.away").rename(data_dir / "tokens")
+
+    def restore() -> None:
+        (data_dir / "tokens.away").rename(data_dir / "tokens")
+
+    return restore
 
 
 BAD_STARTS = {
