@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = Field(5.0, gt=0, le=60, description="Timeout of each connect and read.")
     webhook_retries: int = Field(2, ge=0, le=10, description="Retries after a 5xx, 408, 429 or connection error.")
     webhook_ca_file: Path | None = Field(None, description="CA bundle for the webhook; default the system's.")
+    notifier_deadline_seconds: float = Field(
+        8.0, gt=0, le=120, description="Total time one OTP delivery may take, retries included; then send_otp_failed."
+    )
 
     @field_validator("smtp_password_source", "webhook_secret_source")
     @classmethod

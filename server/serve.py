@@ -27,6 +27,8 @@ from server.tls import ReloadingCredentials, TlsFiles, check_listen, load
 
 log = logging.getLogger(__name__)
 
+#: Threads for SendBindingOtp when service calls otherwise run on the event loop (SQLite).
+OUTBOUND_THREADS = 8
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KeyBinderService"].full_name
 
 
@@ -44,6 +46,10 @@ class Server:
         threads = settings.service_threads
         # None: service calls run on the event loop thread (see Settings.service_threads).
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="keybinder-rpc") if threads else None
+        # OTP delivery waits on peers outside: never on the event loop (see KeyBinderServicer.outbound).
+        self._outbound_executor = (
+            None if self._executor else ThreadPoolExecutor(OUTBOUND_THREADS, thread_name_prefix="keybinder-send")
+        )
         # The probe gets its own thread so that a hung HSM call cannot starve it of RPC threads.
         self._probe_executor = ThreadPoolExecutor(1, thread_name_prefix="keybinder-probe")
         self._probe_task: asyncio.Task[None] | None = None
@@ -69,7 +75,11 @@ class Server:
             ],
         )
         servicer = KeyBinderServicer(
-            self.app.service, self._executor, self.app.partners, client_certificates=self.settings.client_ca is not None
+            self.app.service,
+            self._executor,
+            self.app.partners,
+            outbound=self._outbound_executor,
+            client_certificates=self.settings.client_ca is not None,
         )
         add_servicer(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -151,6 +161,8 @@ class Server:
         await server.stop(self.settings.shutdown_grace_seconds)
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+        if self._outbound_executor is not None:
+            self._outbound_executor.shutdown(wait=True)
         self._probe_executor.shutdown(wait=True)
         if self.app is not None:
             self.app.close()

@@ -88,22 +88,27 @@ class KeyBinderServicer(pb_grpc.KeyBinderServiceServicer):
         executor: Executor | None,
         partners: PartnerAuthenticator,
         *,
+        outbound: Executor | None = None,
         client_certificates: bool = False,
     ) -> None:
         self.service = service
         self.executor = executor
+        #: Where calls that wait on a peer outside (the OTP notifier) run: never on the event loop, even when
+        #: every other call does (executor None), or one hung SMS gateway would stop health and every RPC.
+        self.outbound = outbound or executor
         self.partners = partners
         #: mTLS is on: a client certificate registered to a partner authenticates it.
         self.client_certificates = client_certificates
 
-    async def _run(self, fn: Callable[[], Resp]) -> Resp:
+    async def _run(self, fn: Callable[[], Resp], executor: Executor | None = None) -> Resp:
         # Service calls block on the HSM and the database: on a thread pool they overlap those waits;
         # without one (executor None) they run right here, which costs the least CPU when every wait
         # is short (SQLite, an in-process HSM).
-        if self.executor is None:
+        executor = executor or self.executor
+        if executor is None:
             return fn()
         # The request context (server.logs) follows the call: run_in_executor does not copy it.
-        return await asyncio.get_running_loop().run_in_executor(self.executor, contextvars.copy_context().run, fn)
+        return await asyncio.get_running_loop().run_in_executor(executor, contextvars.copy_context().run, fn)
 
     async def _partner(self, cache_key: str) -> Partner | None:
         # From the cache on the event loop; only a miss (a database read) goes to a thread.
@@ -137,7 +142,8 @@ class KeyBinderServicer(pb_grpc.KeyBinderServiceServicer):
         self, request: pb.SendBindingOtpRequest, partner: str
     ) -> pb.SendBindingOtpResponse:
         result = await self._run(
-            lambda: self.service.send_binding_otp(partner, request.individual_id, list(request.otp_channels))
+            lambda: self.service.send_binding_otp(partner, request.individual_id, list(request.otp_channels)),
+            self.outbound,
         )
         otps_sent(request.otp_channels)  # observability: OTPs sent by channel
         return converters.send_otp_to_proto(result)
