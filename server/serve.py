@@ -21,7 +21,7 @@ from server.config import Settings, redact_url
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.grpc_api.decoding import MAX_WIRE_BYTES, add_servicer
 from server.grpc_api.servicer import KeyBinderServicer
-from server.process import StartupError, check_address_free, check_private
+from server.process import StartupError, check_address_free, check_private, descriptor_limit
 from server.stores import pending_migrations, sqlite_path
 from server.tls import ReloadingCredentials, TlsFiles, check_listen, load
 
@@ -29,6 +29,12 @@ log = logging.getLogger(__name__)
 
 #: Threads for SendBindingOtp when service calls otherwise run on the event loop (SQLite).
 OUTBOUND_THREADS = 8
+#: Descriptors kept free of client sockets at least (the server itself uses about 16 at rest).
+DESCRIPTOR_RESERVE = 64
+MIN_CONNECTIONS = 16
+KEEPALIVE_TIMEOUT_MS = 20_000
+#: Calls one connection may have in flight; more wait on the client side (HTTP/2 SETTINGS).
+MAX_STREAMS_PER_CONNECTION = 100
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KeyBinderService"].full_name
 
 
@@ -64,16 +70,7 @@ class Server:
         files = tls_files(self.settings)
         self.tls = ReloadingCredentials(files) if files is not None else None
         self.app = build_app(self.settings)
-        server = grpc.aio.server(
-            options=[
-                # Up to MAX_WIRE_BYTES arrive; add_servicer's deserializer refuses more than
-                # MAX_REQUEST_BYTES unparsed.
-                ("grpc.max_receive_message_length", MAX_WIRE_BYTES),
-                # gRPC enables SO_REUSEPORT by default; a second server on the same port must fail
-                # loudly rather than silently share it, unless it is one of our own workers.
-                ("grpc.so_reuseport", 1 if self._reuse_port else 0),
-            ],
-        )
+        server = grpc.aio.server(options=server_options(self.settings, reuse_port=self._reuse_port))
         servicer = KeyBinderServicer(
             self.app.service,
             self._executor,
@@ -171,6 +168,40 @@ class Server:
 
     async def wait(self) -> None:
         await self._stopped.wait()
+
+
+def connection_cap(settings: Settings) -> int:
+    """``max_connections``, or the open-file limit less a reserve: sockets must never take the descriptors the
+    HSM module (SoftHSM opens its object files on every call), the database and the logs need."""
+    if settings.max_connections:
+        return settings.max_connections
+    limit = descriptor_limit()
+    return max(MIN_CONNECTIONS, limit - max(DESCRIPTOR_RESERVE, limit // 8))
+
+
+def server_options(settings: Settings, *, reuse_port: bool) -> list[tuple[str, int]]:
+    """grpc core options: message size, the connection cap, and timeouts that close idle or half-open peers."""
+    cap = connection_cap(settings)
+    log.info("at most %d client connections (open-file limit %d)", cap, descriptor_limit())
+    return [
+        # Up to MAX_WIRE_BYTES arrive; add_servicer's deserializer refuses more than MAX_REQUEST_BYTES unparsed.
+        ("grpc.max_receive_message_length", MAX_WIRE_BYTES),
+        # gRPC enables SO_REUSEPORT by default; a second server on the same port must fail loudly rather than
+        # silently share it, unless it is one of our own workers.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+        # Past the cap a new connection is accepted and closed at once: a flood costs a descriptor for a moment,
+        # never the HSM's or the database's.
+        ("grpc.max_allowed_incoming_connections", cap),
+        # A connection that sends nothing (or never finishes TLS) is dropped after this, not after 120 s.
+        ("grpc.server_handshake_timeout_ms", int(settings.handshake_timeout_seconds * 1000)),
+        ("grpc.max_connection_idle_ms", int(settings.connection_idle_seconds * 1000)),
+        # Pings find half-open connections (a peer that vanished without FIN) and close them.
+        ("grpc.keepalive_time_ms", int(settings.keepalive_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+    ]
 
 
 def tls_files(settings: Settings) -> TlsFiles | None:

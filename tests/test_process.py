@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import socket
 import sqlite3
@@ -20,10 +21,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.config import DEFAULT_TOKEN
+from server.demo import new_wallet_key
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
 from tests.conftest import PG_ADMIN_URL, SOFTHSM_MODULE, fresh_database
-from tests.test_cli import KEYBINDER, cli_env, make_data_dir, partner_md
+from tests.test_cli import DEMO_ID, KEYBINDER, cli_env, make_data_dir, partner_md
+
+DEMO_PIN = "135790"  # the PIN test_cli.make_data_dir gives DEMO_ID
 
 
 @pytest.fixture(scope="module")
@@ -347,3 +351,81 @@ def test_an_unmigrated_postgres_schema_is_refused(data_dir: Path) -> None:
         lines = start_fails(data_dir, "--port", "0", "--workers", "2", env={"KEYBINDER_DATABASE_URL": url}, seconds=60)
     assert len(lines) == 1, "\n".join(lines)
     assert "keybinder migrate" in lines[0]
+
+
+# -- item 3: a descriptor flood neither stops the server for long nor reaches the HSM ---------------
+
+FLOOD_LIMIT = 256
+
+
+def _low_descriptor_limit() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FLOOD_LIMIT, FLOOD_LIMIT))
+
+
+def flood(port: int, count: int) -> list[socket.socket]:
+    """``count`` idle TCP connections (no TLS, no bytes), as many as the server's backlog lets through."""
+    opened = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.settimeout(0.2)
+        try:
+            sock.connect(("127.0.0.1", port))
+        except OSError:
+            sock.close()
+            continue
+        opened.append(sock)
+    return opened
+
+
+def bind_once(port: int, data_dir: Path, timeout: float = 10) -> str:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.KeyBinderServiceStub(channel)
+        request = pb.DoKeyBindingRequest(
+            individual_id=DEMO_ID,
+            challenges=[pb.AuthChallenge(auth_factor_type="PIN", format="number", challenge=DEMO_PIN)],
+            public_key_jwk=new_wallet_key("ec-p256")[1],
+            bind_auth_factor_type="WLA",
+        )
+        return str(stub.DoKeyBinding(request, metadata=partner_md(data_dir), timeout=timeout).thumbprint)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_descriptor_flood_passes_and_never_reaches_the_hsm(data_dir: Path, workers: str) -> None:
+    proc = subprocess.Popen(
+        [*KEYBINDER, "serve", "--data-dir", str(data_dir), "--port", "0", "--workers", workers],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env() | {"KEYBINDER_HEALTH_PROBE_SECONDS": "0.3"},
+        start_new_session=True,
+        preexec_fn=_low_descriptor_limit,
+    )
+    sockets: list[socket.socket] = []
+    try:
+        port = listening(proc)
+        assert bind_once(port, data_dir)
+        started = time.monotonic()
+        sockets = flood(port, FLOOD_LIMIT * int(workers) + 150)
+        flooded = time.monotonic()
+        # The attacker keeps every connection open; the server must get back to serving by itself.
+        recovered = wait_for(lambda: health(port, timeout=1) == health_pb2.HealthCheckResponse.SERVING, 60)
+        recovery = time.monotonic() - flooded
+        assert recovered, "health never answered SERVING again while the flood's connections stayed open"
+        assert bind_once(port, data_dir), "the HSM session must still sign"
+        print(
+            f"\ndescriptor flood ({workers} worker(s), limit {FLOOD_LIMIT}): {len(sockets)} idle connections in "
+            f"{flooded - started:.1f} s; health SERVING again {recovery:.1f} s after the flood"
+        )
+    finally:
+        for sock in sockets:
+            sock.close()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(40)
+        kill_tree(proc)
+    assert proc.stderr is not None
+    log = proc.stderr.read()
+    assert "NOT_SERVING" not in log, "the flood reached the HSM or the database"
+    assert "generation 2" not in log, "the HSM session was re-opened"
+    assert f"open-file limit {FLOOD_LIMIT}" in log
