@@ -21,6 +21,7 @@ from server.config import Settings, redact_url
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.grpc_api.decoding import MAX_WIRE_BYTES, add_servicer
 from server.grpc_api.servicer import KeyBinderServicer
+from server.logs import filter_grpc_logs
 from server.process import StartupError, check_address_free, check_private, descriptor_limit
 from server.stores import pending_migrations, sqlite_path
 from server.tls import ReloadingCredentials, TlsFiles, check_listen, load
@@ -63,6 +64,7 @@ class Server:
         self.tls: ReloadingCredentials | None = None
 
     async def start(self) -> int:
+        filter_grpc_logs()  # before the first request: grpcio may log raw header values
         if self.settings.metrics_port is not None:
             metrics.enable()  # observability: record RPC and HSM metrics (served by server.metrics)
         host, port = self.settings.host_port
