@@ -6,11 +6,14 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import shutil
 import signal
 import socket
 import sqlite3
 import stat
 import subprocess
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +29,9 @@ from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
 from tests.conftest import PG_ADMIN_URL, SOFTHSM_MODULE, fresh_database
 from tests.test_cli import DEMO_ID, KEYBINDER, cli_env, make_data_dir, partner_md
+from tests.test_durability import PEOPLE, OwnPostgres
+from tests.test_durability import PIN as PG_PIN
+from tests.test_durability import make_data_dir as pg_data_dir
 
 DEMO_PIN = "135790"  # the PIN test_cli.make_data_dir gives DEMO_ID
 
@@ -429,3 +435,139 @@ def test_a_descriptor_flood_passes_and_never_reaches_the_hsm(data_dir: Path, wor
     assert "NOT_SERVING" not in log, "the flood reached the HSM or the database"
     assert "generation 2" not in log, "the HSM session was re-opened"
     assert f"open-file limit {FLOOD_LIMIT}" in log
+
+
+# -- item 13: SIGTERM drains the calls already sent ------------------------------------------------
+
+
+def in_flight_then_sigterm(proc: subprocess.Popen[str], port: int, data_dir: Path, calls: int) -> list[str]:
+    """Send ``calls`` bindings at once over several connections, SIGTERM the server while they are in flight,
+    and return each call's outcome ("OK" or the status code's name)."""
+    channels = [grpc.insecure_channel(f"127.0.0.1:{port}") for _ in range(8)]
+    try:
+        for channel in channels:
+            grpc.channel_ready_future(channel).result(timeout=10)
+        keys = [new_wallet_key("ec-p256")[1] for _ in range(calls)]
+        futures = [
+            pb_grpc.KeyBinderServiceStub(channels[i % len(channels)]).DoKeyBinding.future(
+                pb.DoKeyBindingRequest(
+                    individual_id=DEMO_ID,
+                    challenges=[pb.AuthChallenge(auth_factor_type="PIN", format="number", challenge=DEMO_PIN)],
+                    public_key_jwk=keys[i],
+                    bind_auth_factor_type="WLA",
+                ),
+                metadata=partner_md(data_dir),
+                timeout=30,
+            )
+            for i in range(calls)
+        ]
+        time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        outcomes = []
+        for future in futures:
+            try:
+                future.result()
+                outcomes.append("OK")
+            except grpc.RpcError as err:
+                outcomes.append(err.code().name)
+        return outcomes
+    finally:
+        for channel in channels:
+            channel.close()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_lets_every_call_in_flight_finish(data_dir: Path, workers: str) -> None:
+    with served(data_dir, "--port", "0", "--workers", workers) as (proc, port):
+        outcomes = in_flight_then_sigterm(proc, port, data_dir, 64)
+        assert proc.wait(30) == 0
+    failed = {code: outcomes.count(code) for code in set(outcomes) - {"OK"}}
+    assert not failed, f"{len(outcomes) - outcomes.count('OK')} of 64 calls in flight failed on SIGTERM: {failed}"
+
+
+# -- item 14: every shutdown step is bounded, even with the database frozen -------------------------
+
+
+@pytest.fixture
+def frozen_postgres_cluster() -> Iterator[OwnPostgres]:
+    """A throwaway PostgreSQL cluster of this test's own (never the shared one on 5432)."""
+    root = Path(tempfile.mkdtemp(prefix="kb-frozen-pg-"))
+    root.chmod(0o755)
+    try:
+        cluster = OwnPostgres(root)
+        cluster.start()
+        try:
+            yield cluster
+        finally:
+            thaw(cluster)
+            with contextlib.suppress(AssertionError):
+                cluster.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def cluster_pids(cluster: OwnPostgres) -> list[int]:
+    postmaster = int((cluster.data / "postmaster.pid").read_text().split()[0])
+    children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True, check=False)
+    return [postmaster, *(int(p) for p in children.stdout.split())]
+
+
+def freeze(cluster: OwnPostgres) -> None:
+    for pid in cluster_pids(cluster):
+        os.kill(pid, signal.SIGSTOP)
+
+
+def thaw(cluster: OwnPostgres) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        for pid in cluster_pids(cluster):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_exits_within_the_grace_while_postgres_hangs(
+    tmp_path: Path, frozen_postgres_cluster: OwnPostgres, workers: str
+) -> None:
+    own = pg_data_dir(tmp_path, frozen_postgres_cluster.url)
+    grace = 2.0
+    env = {
+        "KEYBINDER_CONFIG": str(own / "keybinder.toml"),
+        "KEYBINDER_SHUTDOWN_GRACE_SECONDS": str(grace),
+        "KEYBINDER_HEALTH_PROBE_SECONDS": "0.5",
+    }
+    with served(own, "--port", "0", "--workers", workers, env=env) as (proc, port):
+        metadata = partner_md(own)
+
+        def bind(timeout: float) -> pb.DoKeyBindingResponse:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                request = pb.DoKeyBindingRequest(
+                    individual_id=PEOPLE[0],
+                    challenges=[pb.AuthChallenge(auth_factor_type="PIN", format="number", challenge=PG_PIN)],
+                    public_key_jwk=new_wallet_key("ec-p256")[1],
+                    bind_auth_factor_type="WLA",
+                )
+                response: pb.DoKeyBindingResponse = pb_grpc.KeyBinderServiceStub(channel).DoKeyBinding(
+                    request, metadata=metadata, timeout=timeout
+                )
+                return response
+
+        assert bind(10).certificate
+        freeze(frozen_postgres_cluster)
+        hung = [threading.Thread(target=_ignore_rpc_error, args=(bind,), daemon=True) for _ in range(6)]
+        for thread in hung:
+            thread.start()
+        time.sleep(1.5)  # the calls (and the health probe) are now waiting on the frozen database
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace + 15)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"serve --workers {workers} still running {grace + 15:.0f} s after SIGTERM (grace {grace} s)")
+        took = time.monotonic() - started
+        assert took < grace + 8, f"exit took {took:.1f} s with a {grace} s grace"
+        assert proc.poll() is not None
+
+
+def _ignore_rpc_error(call: Callable[[float], object]) -> None:
+    with contextlib.suppress(grpc.RpcError):
+        call(60)

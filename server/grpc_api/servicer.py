@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any, TypeVar
@@ -50,6 +51,18 @@ def partner_headers(context: grpc.aio.ServicerContext) -> tuple[str | None, str 
     return partner, key
 
 
+class InFlight:
+    """Calls of the service running now, and when the last one started: what a drain waits on."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.last_started = 0.0
+
+    def quiet_for(self) -> float:
+        """Seconds since the last call started, 0 while one runs."""
+        return 0.0 if self.running else time.monotonic() - self.last_started
+
+
 def authenticated(method: Method[Req, Resp]) -> Handler[Req, Resp]:
     """Authenticate the partner, then run the method; domain errors become their status, anything
     unforeseen a generic INTERNAL. Every KeyBinderService RPC goes through here; health and reflection
@@ -61,6 +74,8 @@ def authenticated(method: Method[Req, Resp]) -> Handler[Req, Resp]:
     async def wrapper(self: KeyBinderServicer, request: Req, context: grpc.aio.ServicerContext) -> Resp:
         # Observability: request context for logs, the access-log line (with a refusal's reason and
         # cause) and metrics at the end, x-request-id in the trailing metadata (see server.observability).
+        self.in_flight.running += 1
+        self.in_flight.last_started = time.monotonic()
         with Rpc(name, context) as rpc:
             try:
                 partner = await self.authenticate(context)
@@ -76,6 +91,8 @@ def authenticated(method: Method[Req, Resp]) -> Handler[Req, Resp]:
                 log.exception("%s failed unexpectedly", name)
                 rpc.failed()
                 await context.abort_with_status(rpc.status(internal_status()))
+            finally:
+                self.in_flight.running -= 1
         raise AssertionError("unreachable")  # abort_with_status always raises
 
     return wrapper
@@ -92,6 +109,7 @@ class KeyBinderServicer(pb_grpc.KeyBinderServiceServicer):
         client_certificates: bool = False,
     ) -> None:
         self.service = service
+        self.in_flight = InFlight()
         self.executor = executor
         #: Where calls that wait on a peer outside (the OTP notifier) run: never on the event loop, even when
         #: every other call does (executor None), or one hung SMS gateway would stop health and every RPC.
