@@ -64,7 +64,7 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def check_address_free(host: str, port: int) -> None:
+def check_address_free(host: str, port: int, *, what: str = "listen") -> None:
     """Refuse an address someone already serves (another keybinder with SO_REUSEPORT included).
 
     A plain bind (SO_REUSEADDR only, so connections of a stopped server in TIME_WAIT do not count) fails
@@ -77,14 +77,14 @@ def check_address_free(host: str, port: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
     except OSError as err:
-        raise StartupError(address_error(host, port, err)) from err
+        raise StartupError(address_error(host, port, err, what=what)) from err
     finally:
         sock.close()
 
 
-def address_error(host: str, port: int, err: OSError) -> str:
+def address_error(host: str, port: int, err: OSError, *, what: str = "listen") -> str:
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return f"cannot listen on {where}: {err.strerror or err} (address in use by another server, or not available)"
+    return f"cannot {what} on {where}: {err.strerror or err} (address in use by another server, or not available)"
 
 
 def reserve_address(host: str, port: int) -> tuple[socket.socket, int]:

@@ -371,6 +371,7 @@ def check_start(settings: Settings) -> None:
 
     Order: what costs nothing first, so the cheapest mistake is the one reported.
     """
+    preflight(settings)  # TLS and plaintext rules: TlsConfigError, a configuration error of its own
     try:
         settings.database  # noqa: B018 - the property checks the URL scheme
     except ValueError as err:
@@ -379,6 +380,8 @@ def check_start(settings: Settings) -> None:
         check_private(path, what)
     host, port = settings.host_port
     check_address_free(host, port)
+    if settings.metrics_port:
+        check_address_free(settings.metrics_host, settings.metrics_port, what="serve metrics")
     check_hsm(settings)
     check_database(settings)
 

@@ -362,6 +362,7 @@ def test_an_unmigrated_postgres_schema_is_refused(data_dir: Path) -> None:
 # -- item 3: a descriptor flood neither stops the server for long nor reaches the HSM ---------------
 
 FLOOD_LIMIT = 256
+SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 def _low_descriptor_limit() -> None:
@@ -410,9 +411,16 @@ def test_a_descriptor_flood_passes_and_never_reaches_the_hsm(data_dir: Path, wor
     try:
         port = listening(proc)
         assert bind_once(port, data_dir)
+        steady = grpc.insecure_channel(f"127.0.0.1:{port}")  # a client connected before the flood
+        steady_health = health_pb2_grpc.HealthStub(steady)
+        assert steady_health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == SERVING
         started = time.monotonic()
         sockets = flood(port, FLOOD_LIMIT * int(workers) + 150)
         flooded = time.monotonic()
+        # Its connection is not a victim: it is answered throughout.
+        during = [steady_health.Check(health_pb2.HealthCheckRequest(), timeout=2).status for _ in range(10)]
+        steady.close()
+        assert during == [SERVING] * 10
         # The attacker keeps every connection open; the server must get back to serving by itself.
         recovered = wait_for(lambda: health(port, timeout=1) == health_pb2.HealthCheckResponse.SERVING, 60)
         recovery = time.monotonic() - flooded
