@@ -28,7 +28,7 @@ from server.config import DEFAULT_ISSUER_LABEL, Settings, redact_url
 from server.domain import Identity, IssuerRecord, OtpChannel, Partner, PendingIssuer
 from server.hsm_backend import HsmHasher, HsmIssuerKeys
 from server.issuers import IssuerState, IssuerStatus, issuer_statuses, new_issuer_label, published_certificates
-from server.notifiers import ChannelRouter, read_secret
+from server.notifiers import ChannelRouter, DeadlineNotifier, read_secret
 from server.notifiers.outbox import OutboxNotifier
 from server.notifiers.smtp import SmtpConfig, SmtpNotifier
 from server.notifiers.webhook import WebhookConfig, WebhookNotifier
@@ -54,6 +54,7 @@ class App:
     store: Store
     service: KeyBinderService
     partners: PartnerAuthenticator
+    notifier: Notifier | None = None
 
     def probe(self) -> None:
         """One signature with the active issuer key in the HSM and one database round trip."""
@@ -68,6 +69,8 @@ class App:
         self.store.ping()
 
     def close(self) -> None:
+        if isinstance(self.notifier, DeadlineNotifier):
+            self.notifier.close()
         self.store.close()
         self.keys.close()
 
@@ -103,6 +106,7 @@ def build_notifier(settings: Settings) -> Notifier:
                     secret=read_secret(settings.webhook_secret_source, "webhook HMAC secret").encode(),
                     timeout_seconds=settings.webhook_timeout_seconds,
                     retries=settings.webhook_retries,
+                    deadline_seconds=settings.notifier_deadline_seconds,
                     ca_file=settings.webhook_ca_file,
                     otp_ttl_seconds=settings.otp_ttl_seconds,
                 )
@@ -112,9 +116,11 @@ def build_notifier(settings: Settings) -> Notifier:
         backends[name] = notifier
         return notifier
 
-    return ChannelRouter(
+    router = ChannelRouter(
         {OtpChannel.EMAIL: backend(settings.email_notifier), OtpChannel.PHONE: backend(settings.phone_notifier)}
     )
+    # Every backend may meet a slow or hostile peer: each delivery gets a total deadline and a bounded pool.
+    return DeadlineNotifier(router, settings.notifier_deadline_seconds)
 
 
 def build_app(settings: Settings) -> App:
@@ -142,7 +148,7 @@ def build_app(settings: Settings) -> App:
         aliases=store,
     )
     partners = PartnerAuthenticator(store, cache_seconds=settings.partner_cache_seconds)
-    return App(settings, keys, store, service, partners)
+    return App(settings, keys, store, service, partners, notifier)
 
 
 def _write_secret(path: Path) -> None:

@@ -174,7 +174,8 @@ def serve(
     """Serve keybinder.v1.KeyBinderService (plus health and reflection) until SIGTERM; SIGHUP reloads
     the TLS certificate and clears the partner cache."""
     from hsm import HsmError
-    from server.serve import preflight
+    from server.process import StartupError, raise_descriptor_limit
+    from server.serve import check_start
     from server.serve import serve as run
     from server.tls import TlsConfigError
     from server.workers import run_workers
@@ -195,10 +196,15 @@ def serve(
         allow_plaintext=allow_plaintext,
     )
     try:
-        preflight(settings)
+        # Everything checked here, once, before a worker starts: a mistake is one line and a non-zero exit,
+        # never a worker restarted forever or a server "listening" that can only answer NOT_SERVING.
+        check_start(settings)
     except TlsConfigError as err:
         typer.echo(f"configuration error: {err}", err=True)
         raise typer.Exit(2) from err
+    except StartupError as err:
+        raise _fail(err) from err
+    raise_descriptor_limit()  # workers inherit it
     count = settings.workers or os.cpu_count() or 1
 
     def ready(bound: int) -> None:
@@ -218,7 +224,7 @@ def serve(
                     exporter.close()
         else:
             raise typer.Exit(run_workers(settings, count, ready))
-    except (HsmError, OSError) as err:
+    except (HsmError, OSError, StartupError) as err:
         raise _fail(err) from err
 
 
@@ -928,6 +934,9 @@ def demo(
 
 
 def main() -> None:
+    from server.process import owner_only_files
+
+    owner_only_files()  # every command: databases, keys, CSRs and outboxes are created owner-only
     try:
         app()
     except Exception as err:

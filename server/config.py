@@ -163,6 +163,9 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = Field(5.0, gt=0, le=60, description="Timeout of each connect and read.")
     webhook_retries: int = Field(2, ge=0, le=10, description="Retries after a 5xx, 408, 429 or connection error.")
     webhook_ca_file: Path | None = Field(None, description="CA bundle for the webhook; default the system's.")
+    notifier_deadline_seconds: float = Field(
+        8.0, gt=0, le=120, description="Total time one OTP delivery may take, retries included; then send_otp_failed."
+    )
 
     @field_validator("smtp_password_source", "webhook_secret_source")
     @classmethod
@@ -215,6 +218,22 @@ class Settings(BaseSettings):
     )
     allow_plaintext: bool = Field(
         False, description="Serve without TLS on a non-loopback address (behind a TLS-terminating proxy only)."
+    )
+    max_connections: int = Field(
+        0,
+        ge=0,
+        le=1_000_000,
+        description="Client connections one process holds at once; 0: its open-file limit less a reserve for the"
+        " HSM and the database.",
+    )
+    handshake_timeout_seconds: float = Field(
+        5.0, gt=0, le=120, description="A connection that has not finished its TLS/HTTP/2 handshake by then is closed."
+    )
+    connection_idle_seconds: float = Field(
+        300.0, gt=0, le=86400, description="A connection without calls for this long is closed (GOAWAY)."
+    )
+    keepalive_seconds: float = Field(
+        60.0, gt=0, le=7200, description="Ping an idle connection this often; no answer within 20 s closes it."
     )
     partner_cache_seconds: float = Field(
         5.0, ge=0, le=300, description="How long a server trusts its cached partner record; 0 reads it every time."

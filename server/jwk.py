@@ -11,6 +11,7 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -161,6 +162,64 @@ def _ec_key(jwk: dict[str, Any]) -> ec.EllipticCurvePublicKey:
         raise InvalidPublicKeyError(f"the EC point is not on curve {crv}") from err
 
 
+def _primes_below(limit: int) -> list[int]:
+    sieve = bytearray([1]) * limit
+    sieve[0:2] = b"\x00\x00"
+    for i in range(2, int(limit**0.5) + 1):
+        if sieve[i]:
+            sieve[i * i :: i] = bytearray(len(range(i * i, limit, i)))
+    return [i for i in range(limit) if sieve[i]]
+
+
+#: SP 800-89 asks for no prime factor below 752; a larger table costs one gcd all the same.
+SMALL_PRIME_LIMIT = 10_000
+_SMALL_PRIMES = _primes_below(SMALL_PRIME_LIMIT)
+_SMALL_PRIMES_PRODUCT = math.prod(_SMALL_PRIMES)
+
+
+def _iroot(n: int, k: int) -> int:
+    """floor(n ** (1/k)) for a large n: a float estimate good to ~50 bits, then Newton's method on integers
+    from just above the root (so a few steps, each decreasing, end on the floor)."""
+    shift = max(0, n.bit_length() - 64)
+    log2_root = (math.log2(n >> shift) + shift) / k
+    whole = int(log2_root)
+    if whole < 52:
+        x = int(2 ** (log2_root + 1e-9)) + 2
+    else:
+        x = int(2 ** (log2_root - whole + 52)) << (whole - 52)
+        x += (x >> 40) + 1
+    while True:
+        y = ((k - 1) * x + n // x ** (k - 1)) // k
+        if y >= x:
+            return x
+        x = y
+
+
+def _is_perfect_power(n: int) -> bool:
+    # With no factor below SMALL_PRIME_LIMIT, n = m**k needs m >= SMALL_PRIME_LIMIT: k is at most this.
+    if math.isqrt(n) ** 2 == n:
+        return True
+    largest = n.bit_length() // (SMALL_PRIME_LIMIT.bit_length() - 1)
+    return any(_iroot(n, k) ** k == n for k in _primes_below(largest + 1)[1:])
+
+
+def check_rsa_modulus(n: int) -> None:
+    """NIST SP 800-89 partial public-key validation of an RSA modulus (5.3.3): odd, not a perfect power, no
+    prime factor below SMALL_PRIME_LIMIT. A modulus with a small factor (n = 3p) lets anyone derive the
+    private key and sign as the wallet.
+
+    Not checked: that n is composite (a Miller-Rabin round is a full modular exponentiation, 0.1 s to
+    several seconds of CPU for 2048 to 8192 bits here: a lever for anyone sending keys), and ROCA-weak
+    moduli (CVE-2017-15361): the only library for it on PyPI (roca-detect) has had no release since 2018.
+    """
+    if n % 2 == 0:
+        raise InvalidPublicKeyError("RSA modulus must be odd")
+    if math.gcd(n, _SMALL_PRIMES_PRODUCT) != 1:
+        raise InvalidPublicKeyError(f"RSA modulus has a prime factor below {SMALL_PRIME_LIMIT} (SP 800-89)")
+    if _is_perfect_power(n):
+        raise InvalidPublicKeyError("RSA modulus is a perfect power (SP 800-89)")
+
+
 def _rsa_key(jwk: dict[str, Any]) -> rsa.RSAPublicKey:
     _check_use(jwk, _RSA_ALGS)
     n_bytes, e_bytes = _b64(jwk.get("n"), "n"), _b64(jwk.get("e"), "e")
@@ -171,8 +230,7 @@ def _rsa_key(jwk: dict[str, Any]) -> rsa.RSAPublicKey:
         raise InvalidPublicKeyError(f"RSA modulus must be {MIN_RSA_BITS} to {MAX_RSA_BITS} bits")
     if e < 65537 or e % 2 == 0 or e.bit_length() > 256:
         raise InvalidPublicKeyError("RSA public exponent must be odd and at least 65537")
-    if n % 2 == 0:
-        raise InvalidPublicKeyError("RSA modulus must be odd")
+    check_rsa_modulus(n)
     try:
         return rsa.RSAPublicNumbers(e, n).public_key()
     except ValueError as err:

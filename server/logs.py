@@ -106,3 +106,33 @@ def configure_logging(
     handler = make_handler(log_format, stream or sys.stderr, worker=worker)
     logging.basicConfig(level=level.upper(), handlers=[handler])
     logging.getLogger("yoyo").setLevel(logging.WARNING)
+
+
+#: grpcio's Cython layer logs a header value it cannot decode as UTF-8, raw, at ERROR with a traceback
+#: (grpc_string.pyx.pxi: ``_LOGGER.exception('Invalid encoding on %s', value)``): a partner-api-key with one
+#: bad byte would put the key in the log.
+GRPC_CYTHON_LOGGER = "grpc._cython.cygrpc"
+_GRPC_UNDECODABLE = "Invalid encoding on %s"
+
+
+class GrpcSecretFilter(logging.Filter):
+    """Keeps request bytes grpcio logs out of every log: the undecodable-header record becomes one WARNING
+    without the value or traceback; any other bytes argument of grpcio's is replaced by its length."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == _GRPC_UNDECODABLE:
+            record.msg = "a request header value is not valid UTF-8 (read as Latin-1; value not logged)"
+            record.args = ()
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        elif isinstance(record.args, tuple) and any(isinstance(a, bytes | bytearray) for a in record.args):
+            record.args = tuple(f"<{len(a)} bytes>" if isinstance(a, bytes | bytearray) else a for a in record.args)
+        return True
+
+
+def filter_grpc_logs() -> None:
+    """Install GrpcSecretFilter on grpcio's loggers (idempotent)."""
+    for name in (GRPC_CYTHON_LOGGER, "grpc", "grpc.aio", "grpc._server"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, GrpcSecretFilter) for f in logger.filters):
+            logger.addFilter(GrpcSecretFilter())

@@ -8,7 +8,7 @@ import multiprocessing
 import os
 import queue
 import signal
-import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +17,7 @@ from typing import Any
 
 from server import metrics
 from server.config import Settings
+from server.process import reserve_address
 
 log = logging.getLogger(__name__)
 
@@ -26,16 +27,25 @@ QUICK_DEATH_SECONDS = 5.0
 MAX_RESTART_DELAY_SECONDS = 30.0
 
 
-def _worker_main(values: dict[str, Any], index: int, ready: Any, log_level: str) -> None:
+def _worker_main(values: dict[str, Any], index: int, ready: Any, log_level: str, parent: int) -> None:
     """Entry point of one worker process (spawned, so nothing of the parent's HSM state is inherited)."""
+    from hsm import HsmError
     from server.logs import configure_logging
+    from server.process import die_with_parent, owner_only_files
     from server.serve import serve
 
+    die_with_parent(parent)
+    owner_only_files()
     # Until serve() installs its handler, a SIGHUP forwarded by the supervisor must not kill a starting worker.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     settings = Settings(**values)
     configure_logging(log_level, settings.log_format, worker=index)
-    asyncio.run(serve(settings, lambda port: ready.put((index, os.getpid(), port)), reuse_port=True))
+    try:
+        asyncio.run(serve(settings, lambda port: ready.put((index, os.getpid(), port)), reuse_port=True))
+    except (HsmError, OSError) as err:
+        # Checked before the workers started (serve.check_start): this changed since. One line, not a traceback.
+        log.error("worker %d cannot serve: %s", index, err)
+        sys.exit(1)
 
 
 @dataclass
@@ -46,20 +56,11 @@ class _Worker:
     restarts: int = 0
 
 
-def _reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
-    """Bind (without listening) with SO_REUSEPORT so that port 0 resolves once for every worker."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    return sock, int(sock.getsockname()[1])
-
-
 def run_workers(settings: Settings, count: int, on_ready: Callable[[int], None]) -> int:
     """Start ``count`` workers, restart any that die, and drain them all on SIGTERM/SIGINT."""
     ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold an HSM login
     host, port = settings.host_port
-    reserved, port = _reserve_port(host, port)
+    reserved, port = reserve_address(host, port)
     values = settings.model_copy(update={"listen": f"{host}:{port}", "workers": 1}).model_dump()
     ready = ctx.Queue()
     stopping = False
@@ -85,7 +86,9 @@ def run_workers(settings: Settings, count: int, on_ready: Callable[[int], None])
 
     def spawn(index: int, restarts: int = 0) -> _Worker:
         process = ctx.Process(
-            target=_worker_main, args=(values, index, ready, settings.log_level), name=f"keybinder-worker-{index}"
+            target=_worker_main,
+            args=(values, index, ready, settings.log_level, os.getpid()),
+            name=f"keybinder-worker-{index}",
         )
         process.start()
         return _Worker(index, process, time.monotonic(), restarts)

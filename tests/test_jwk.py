@@ -6,6 +6,7 @@ import base64
 import functools
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -485,8 +486,12 @@ def _rsa(n: int | bytes | None = None, e: int | bytes | None = None) -> str:
 
 
 def _odd_modulus(bits: int) -> int:
-    """A deterministic odd integer of exactly ``bits`` bits (the parser cannot factor n)."""
-    return (1 << (bits - 1)) | (1 << 64) | 1
+    """An odd integer of exactly ``bits`` bits that passes SP 800-89's partial validation (no factor below
+    10,000, not a perfect power): the parser cannot tell it from a real modulus."""
+    candidate = (1 << (bits - 1)) | (1 << 64) | 1
+    while math.gcd(candidate, math.prod(range(3, 10_000, 2))) != 1:
+        candidate += 2
+    return candidate
 
 
 RSA_KEYS = [
@@ -618,3 +623,41 @@ def test_refuses_alg_use_or_key_ops_unfit_for_the_key(kind: str, members: Jwk) -
 )
 def test_refuses_wrongly_typed_members_without_crashing(make: Callable[[], str]) -> None:
     refuse(make())
+
+
+# -- NIST SP 800-89 partial public-key validation of RSA moduli (issue 13, item 5) ------------------
+
+
+@functools.cache
+def _prime(bits: int) -> int:
+    """A random prime of exactly ``bits`` bits (one factor of a fresh RSA key of twice the size)."""
+    key = rsa.generate_private_key(65537, 2 * bits)
+    p = key.private_numbers().p
+    assert p.bit_length() == bits
+    return p
+
+
+def _rsa_jwk(n: int) -> str:
+    return json.dumps({"kty": "RSA", "n": b64u(uint(n)), "e": b64u(uint(65537))})
+
+
+WEAK_MODULI = {
+    "3-times-a-prime": lambda: 3 * _prime(2047),
+    "751-times-a-prime": lambda: 751 * _prime(2044),
+    "a-small-prime-times-a-prime": lambda: 9973 * _prime(2040),
+    "a-prime-squared": lambda: _prime(1152) ** 2,
+    "a-prime-cubed": lambda: _prime(768) ** 3,
+}
+
+
+@pytest.mark.parametrize("case", sorted(WEAK_MODULI))
+def test_rsa_modulus_failing_sp800_89_partial_validation_is_refused(case: str) -> None:
+    n = WEAK_MODULI[case]()
+    assert 2048 <= n.bit_length() <= 8192
+    err = refuse(_rsa_jwk(n))
+    assert "modulus" in str(err)
+
+
+def test_a_sound_rsa_modulus_still_passes() -> None:
+    n = rsa.generate_private_key(65537, 2048).public_key().public_numbers().n
+    assert parse_wallet_jwk(_rsa_jwk(n)).kty == "RSA"

@@ -51,6 +51,7 @@ ADAPTERS = {
     "server.config": "reads TOML and KEYBINDER_* into Settings, and names the HSM (hsm.Pkcs11Uri, KeyKind)",
     "server.serve": "the grpc.aio server: health, reflection, signals",
     "server.workers": "processes sharing the port; starts serve",
+    "server.process": "the serving process's OS surface: umask, descriptor limit, the listen address, parent death",
     "server.tls": "gRPC server credentials (grpc.ssl_server_credentials) that follow the files",
     "server.metrics": "Prometheus exporter, and the observer of every PKCS#11 call (hsm.set_observer)",
     "server.hsm_backend": "the PKCS#11 backend of the KeyedHasher and IssuerKeys ports (hsm)",

@@ -51,6 +51,7 @@ from server.notifiers.webhook import (
 from server.ports import DeliveryFailed
 from tests.conftest import (
     Person,
+    RpcFailure,
     RunningServer,
     bind_request,
     failure,
@@ -700,3 +701,107 @@ def test_server_gateway_timeout_is_send_otp_failed(
         assert time.monotonic() - started < 3.0
         refused = failure(lambda: bind(server, person, gateway.otp()))
         assert refused.reason == "auth_failed"
+
+
+# -- a notifier that hangs must not stall the server (issue 13, item 2) ---------------------------
+
+
+@contextmanager
+def silent_peer() -> Iterator[str]:
+    """An HTTP "gateway" that accepts every connection and never answers a byte."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            held.append(conn)
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/sms"
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
+def health_latencies(channel: grpc.Channel, until: threading.Event, seconds: float) -> list[float]:
+    """Health Check round trips (seconds), until ``until`` is set or time is up (at least one)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    latencies: list[float] = []
+    deadline = time.monotonic() + seconds
+    stub = health_pb2_grpc.HealthStub(channel)
+    while not latencies or (not until.is_set() and time.monotonic() < deadline):
+        started = time.perf_counter()
+        stub.Check(health_pb2.HealthCheckRequest(), timeout=30)
+        latencies.append(time.perf_counter() - started)
+        time.sleep(0.01)
+    return latencies
+
+
+def p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+def test_a_hanging_webhook_delays_neither_health_nor_other_calls(
+    settings: Settings, kb: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with silent_peer() as url:
+        monkeypatch.setenv("KB_TEST_WEBHOOK_SECRET", WEBHOOK_SECRET.decode())
+        changes = {
+            "phone_notifier": "webhook",
+            "webhook_url": url,
+            "webhook_secret_source": "env:KB_TEST_WEBHOOK_SECRET",
+            "webhook_timeout_seconds": 1.0,
+            "webhook_retries": 2,
+            "notifier_deadline_seconds": 2.0,
+        }
+        with serving(settings, **changes) as server:
+            person = new_person(server)
+            done = threading.Event()
+            outcome: list[object] = []
+
+            def hang() -> None:
+                started = time.monotonic()
+                try:
+                    outcome.append(failure(lambda: send(server, person, "phone")))
+                finally:
+                    outcome.append(time.monotonic() - started)
+                    done.set()
+
+            with grpc.insecure_channel(server.target) as channel:
+                health_latencies(channel, done, 0)  # connected before the hang starts
+                caller = threading.Thread(target=hang, daemon=True)
+                caller.start()
+                time.sleep(0.05)
+                latencies = health_latencies(channel, done, 30)
+            # Another partner call answers meanwhile: the loop is free.
+            started = time.perf_counter()
+            server.stub.GetSupportedChallengeFormats(
+                pb.GetSupportedChallengeFormatsRequest(auth_factor_type="OTP"), metadata=md(), timeout=30
+            )
+            other = time.perf_counter() - started
+            caller.join(30)
+    print(
+        f"\nnotifier hang: {len(latencies)} health checks, p99 {p99(latencies) * 1000:.1f} ms, "
+        f"max {max(latencies) * 1000:.1f} ms; SendBindingOtp answered after {outcome[-1]:.2f} s"
+    )
+    assert p99(latencies) < 0.050, f"health p99 {p99(latencies) * 1000:.0f} ms while the notifier hangs"
+    assert other < 0.5
+    err = outcome[0]
+    assert isinstance(err, RpcFailure)
+    assert (err.code, err.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "send_otp_failed")
+    elapsed = outcome[1]
+    assert isinstance(elapsed, float)
+    assert elapsed < 2.0 + 1.0, "the delivery's total deadline bounds the call"

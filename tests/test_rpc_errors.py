@@ -421,6 +421,15 @@ def jwk_rsa_1024() -> str:
     return json.dumps({"kty": "RSA", "n": b64u(weak.n.to_bytes(128, "big")), "e": b64u(weak.e.to_bytes(3, "big"))})
 
 
+def jwk_rsa_small_factor() -> str:
+    """n = 3 x a 2047-bit prime (the outside review bound one): anyone can derive the private key."""
+    prime = rsa.generate_private_key(65537, 4094).private_numbers().p
+    n = 3 * prime
+    return json.dumps(
+        {"kty": "RSA", "n": b64u(n.to_bytes((n.bit_length() + 7) // 8, "big")), "e": b64u(b"\x01\x00\x01")}
+    )
+
+
 def jwk_ec_p521() -> str:
     return json.dumps(ECKey.import_key(ec.generate_private_key(ec.SECP521R1()).public_key()).as_dict())
 
@@ -558,6 +567,11 @@ VALIDATION_CASES = [
         lambda p, k, otp: bind_request(p, jwk_with_private_d(), otp_challenge(otp)),
     ),
     case("jwk-rsa-1024", "invalid_public_key", lambda p, k, otp: bind_request(p, jwk_rsa_1024(), otp_challenge(otp))),
+    case(
+        "jwk-rsa-small-factor",
+        "invalid_public_key",
+        lambda p, k, otp: bind_request(p, jwk_rsa_small_factor(), otp_challenge(otp)),
+    ),
     case("jwk-kty-oct", "invalid_public_key", lambda p, k, otp: bind_request(p, jwk_oct(), otp_challenge(otp))),
     case("jwk-ec-p521", "invalid_public_key", lambda p, k, otp: bind_request(p, jwk_ec_p521(), otp_challenge(otp))),
     case("jwk-off-curve", "invalid_public_key", lambda p, k, otp: bind_request(p, jwk_off_curve(), otp_challenge(otp))),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -97,3 +98,69 @@ def test_the_hsm_pin_is_not_on_any_command_line(tmp_path_factory: pytest.TempPat
         assert server.stop() == 0
     assert server.proc.stderr is not None
     assert pin not in server.proc.stderr.read()
+
+
+# -- grpcio's own log (issue 13, item 11) ----------------------------------------------------------
+
+
+def _hpack_literal(name: bytes, value: bytes) -> bytes:
+    """One HPACK "literal header field without indexing, new name" (no Huffman), lengths below 127."""
+    assert len(name) < 127
+    assert len(value) < 127
+    return b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def raw_call_with_header(port: int, name: bytes, value: bytes) -> bytes:
+    """A gRPC call written by hand (HTTP/2 frames), so that a header can carry bytes no gRPC client sends."""
+    headers = b"".join(
+        _hpack_literal(n, v)
+        for n, v in [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", b"/keybinder.v1.KeyBinderService/GetSupportedChallengeFormats"),
+            (b":authority", f"127.0.0.1:{port}".encode()),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+            (b"partner-id", b"test-wallet"),
+            (name, value),
+        ]
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+            + _frame(4, 0, 0, b"")  # SETTINGS
+            + _frame(1, 0x4, 1, headers)  # HEADERS, END_HEADERS
+            + _frame(0, 0x1, 1, b"\x00\x00\x00\x00\x00")  # DATA: an empty message, END_STREAM
+        )
+        received = b""
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            received += chunk
+            if b"grpc-status" in received:
+                break
+    return received
+
+
+def test_a_header_value_grpcio_cannot_decode_is_never_logged(
+    kb: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    secret = b"kb-secret-api-key-0123456789"
+    answer = raw_call_with_header(kb.port, b"partner-api-key", secret + b"\xff\xfe")
+    assert b"grpc-status" in answer, "the call was answered"
+    time.sleep(0.2)
+    logged = "\n".join(
+        f"{r.name} {r.getMessage()} {r.exc_text or ''} {r.exc_info[1] if r.exc_info else ''}" for r in caplog.records
+    )
+    assert secret.decode() not in logged
+    assert "kb-secret" not in logged

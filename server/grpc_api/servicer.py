@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any, TypeVar
@@ -51,6 +52,18 @@ def partner_headers(context: grpc.aio.ServicerContext) -> tuple[str | None, str 
     return partner, key
 
 
+class InFlight:
+    """Calls of the service running now, and when the last one started: what a drain waits on."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.last_started = 0.0
+
+    def quiet_for(self) -> float:
+        """Seconds since the last call started, 0 while one runs."""
+        return 0.0 if self.running else time.monotonic() - self.last_started
+
+
 def authenticated(method: Method[Req, Resp]) -> Handler[Req, Resp]:
     """Authenticate the partner, then run the method; domain errors become their status, anything
     unforeseen a generic INTERNAL. Every KeyBinderService RPC goes through here; health and reflection
@@ -62,6 +75,8 @@ def authenticated(method: Method[Req, Resp]) -> Handler[Req, Resp]:
     async def wrapper(self: KeyBinderServicer, request: Req, context: grpc.aio.ServicerContext) -> Resp:
         # Observability: request context for logs, the access-log line (with a refusal's reason and
         # cause) and metrics at the end, x-request-id in the trailing metadata (see server.grpc_api.observability).
+        self.in_flight.running += 1
+        self.in_flight.last_started = time.monotonic()
         with Rpc(name, context) as rpc:
             try:
                 partner = await self.authenticate(context)
@@ -77,6 +92,8 @@ def authenticated(method: Method[Req, Resp]) -> Handler[Req, Resp]:
                 log.exception("%s failed unexpectedly", name)
                 rpc.failed()
                 await context.abort_with_status(rpc.status(internal_status()))
+            finally:
+                self.in_flight.running -= 1
         raise AssertionError("unreachable")  # abort_with_status always raises
 
     return wrapper
@@ -89,22 +106,28 @@ class KeyBinderServicer(pb_grpc.KeyBinderServiceServicer):
         executor: Executor | None,
         partners: PartnerAuthenticator,
         *,
+        outbound: Executor | None = None,
         client_certificates: bool = False,
     ) -> None:
         self.service = service
+        self.in_flight = InFlight()
         self.executor = executor
+        #: Where calls that wait on a peer outside (the OTP notifier) run: never on the event loop, even when
+        #: every other call does (executor None), or one hung SMS gateway would stop health and every RPC.
+        self.outbound = outbound or executor
         self.partners = partners
         #: mTLS is on: a client certificate registered to a partner authenticates it.
         self.client_certificates = client_certificates
 
-    async def _run(self, fn: Callable[[], Resp]) -> Resp:
+    async def _run(self, fn: Callable[[], Resp], executor: Executor | None = None) -> Resp:
         # Service calls block on the HSM and the database: on a thread pool they overlap those waits;
         # without one (executor None) they run right here, which costs the least CPU when every wait
         # is short (SQLite, an in-process HSM).
-        if self.executor is None:
+        executor = executor or self.executor
+        if executor is None:
             return fn()
         # The request context (server.logs) follows the call: run_in_executor does not copy it.
-        return await asyncio.get_running_loop().run_in_executor(self.executor, contextvars.copy_context().run, fn)
+        return await asyncio.get_running_loop().run_in_executor(executor, contextvars.copy_context().run, fn)
 
     async def _partner(self, cache_key: str) -> Partner | None:
         # From the cache on the event loop; only a miss (a database read) goes to a thread.
@@ -138,7 +161,8 @@ class KeyBinderServicer(pb_grpc.KeyBinderServiceServicer):
         self, request: pb.SendBindingOtpRequest, partner: str
     ) -> pb.SendBindingOtpResponse:
         result = await self._run(
-            lambda: self.service.send_binding_otp(partner, request.individual_id, list(request.otp_channels))
+            lambda: self.service.send_binding_otp(partner, request.individual_id, list(request.otp_channels)),
+            self.outbound,
         )
         otps_sent(request.otp_channels)  # observability: OTPs sent by channel
         return converters.send_otp_to_proto(result)

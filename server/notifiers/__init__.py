@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextvars
 import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 from server.domain import OtpChannel, OtpMessage
-from server.ports import Notifier
+from server.ports import DeliveryFailed, Notifier
+
+#: Deliveries running at once per process; more wait their turn, within their own deadline.
+DELIVERY_THREADS = 8
 
 
 class SecretSourceError(ValueError):
@@ -57,3 +63,33 @@ class ChannelRouter:
 
     def send(self, message: OtpMessage) -> None:
         self._by_channel[message.channel].send(message)
+
+
+class DeadlineNotifier:
+    """`Notifier` bounding each delivery by a total deadline, whatever the backend does meanwhile.
+
+    The backend runs on a bounded pool of its own: a peer that accepts and never answers holds one of
+    ``threads`` threads (until the backend's own timeouts end it), never the caller past ``deadline_seconds``,
+    and never more threads than the pool has. A delivery that misses the deadline is a failure
+    (``DeliveryFailed``: the OTP is discarded), even if the message reaches the person later.
+    """
+
+    def __init__(self, inner: Notifier, deadline_seconds: float, *, threads: int = DELIVERY_THREADS) -> None:
+        if deadline_seconds <= 0:
+            raise ValueError("the delivery deadline must be positive")
+        self._inner = inner
+        self.deadline_seconds = deadline_seconds
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="keybinder-notify")
+
+    def send(self, message: OtpMessage) -> None:
+        # The request context (server.logs) follows the delivery into its thread.
+        future = self._pool.submit(contextvars.copy_context().run, self._inner.send, message)
+        try:
+            future.result(timeout=self.deadline_seconds)
+        except FutureTimeout as err:
+            future.cancel()  # still queued: never sent; running: its own timeouts end it
+            raise DeliveryFailed(f"the delivery took longer than its deadline of {self.deadline_seconds:g} s") from err
+
+    def close(self) -> None:
+        """Drop queued deliveries; running ones end by their backend's timeouts (not waited for)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -69,6 +69,8 @@ class WebhookConfig:
     timeout_seconds: float = 5.0
     retries: int = 2
     backoff_seconds: float = 0.25
+    #: Total time of one delivery, retries and backoff included: no attempt starts or waits past it.
+    deadline_seconds: float = 15.0
     ca_file: Path | None = None
     otp_ttl_seconds: int = 180
 
@@ -76,8 +78,8 @@ class WebhookConfig:
         check_webhook_url(self.url)
         if len(self.secret) < 16:
             raise ValueError("the webhook HMAC secret must be at least 16 bytes")
-        if self.timeout_seconds <= 0 or self.retries < 0 or self.backoff_seconds < 0:
-            raise ValueError("webhook timeout must be positive, retries and backoff not negative")
+        if self.timeout_seconds <= 0 or self.deadline_seconds <= 0 or self.retries < 0 or self.backoff_seconds < 0:
+            raise ValueError("webhook timeout and deadline must be positive, retries and backoff not negative")
 
 
 class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
@@ -94,7 +96,8 @@ class WebhookNotifier:
     sha256=<hex HMAC-SHA-256 of "<timestamp>.<body>">`` under the shared secret, and
     ``Idempotency-Key`` (stable across retries). Any 2xx is delivered. Connection errors,
     timeouts, 5xx, 408 and 429 are retried ``retries`` times with doubling backoff; any other
-    answer fails at once. ``timeout_seconds`` bounds each connect and each read.
+    answer fails at once. ``timeout_seconds`` bounds each connect and each read, ``deadline_seconds`` the
+    whole delivery: no retry starts, and no wait lasts, past it.
     """
 
     def __init__(self, config: WebhookConfig) -> None:
@@ -120,9 +123,15 @@ class WebhookNotifier:
         body = self.body(message)
         attempts = cfg.retries + 1
         last = ""
+        deadline = time.monotonic() + cfg.deadline_seconds
         for attempt in range(attempts):
             if attempt:
-                time.sleep(min(cfg.backoff_seconds * 2 ** (attempt - 1), MAX_BACKOFF_SECONDS))
+                backoff = min(cfg.backoff_seconds * 2 ** (attempt - 1), MAX_BACKOFF_SECONDS)
+                if time.monotonic() + backoff >= deadline:
+                    attempts = attempt
+                    break
+                time.sleep(backoff)
+            remaining = deadline - time.monotonic()
             timestamp = str(int(time.time()))
             request = urllib.request.Request(  # noqa: S310 - the scheme is checked in WebhookConfig
                 cfg.url,
@@ -137,7 +146,7 @@ class WebhookNotifier:
                 },
             )
             try:
-                with self._opener.open(request, timeout=cfg.timeout_seconds) as response:
+                with self._opener.open(request, timeout=min(cfg.timeout_seconds, remaining)) as response:
                     response.read(65536)
                 log.info(
                     "OTP for transaction %s sent by %s webhook (attempt %d)",

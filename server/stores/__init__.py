@@ -91,3 +91,19 @@ def migrate(url: str) -> int:
     from server.stores import postgres
 
     return postgres.migrate(url)
+
+
+def pending_migrations(url: str) -> int:
+    """How many schema migrations the database still needs (0: up to date), applying none.
+
+    Raises FileNotFoundError for a SQLite file that does not exist (it is not created), and the driver's
+    error for a PostgreSQL server that cannot be reached or a database that does not exist.
+    """
+    path = sqlite_path(check_url(url))
+    if path is not None:
+        from server.stores import sqlite
+
+        return sqlite.pending_migrations(path)
+    from server.stores import postgres
+
+    return postgres.pending_migrations(url)

@@ -340,6 +340,16 @@ def migrate(url: str) -> int:
         backend.connection.close()
 
 
+def pending_migrations(url: str) -> int:
+    """Migrations not yet applied; connecting first with a bounded wait, so an unreachable server fails fast."""
+    psycopg.connect(libpq_url(url), connect_timeout=CONNECT_TIMEOUT_SECONDS).close()
+    backend = get_backend(yoyo_url(url))
+    try:
+        return len(backend.to_apply(read_migrations(migrations_dir())))
+    finally:
+        backend.connection.close()
+
+
 # -- the store ------------------------------------------------------------------------------
 
 

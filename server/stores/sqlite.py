@@ -56,6 +56,17 @@ def migrate(path: Path) -> int:
     return len(pending)
 
 
+def pending_migrations(path: Path) -> int:
+    """Migrations not yet applied to an existing database file (never creates one)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"the database {path} does not exist")
+    backend = get_backend(f"sqlite:///{path}")
+    try:
+        return len(backend.to_apply(read_migrations(migrations_dir())))
+    finally:
+        backend.connection.close()
+
+
 class SqliteStore:
     """Implements IdentityStore, OtpStore, BindingStore and IssuerStore on one SQLite file.
 
