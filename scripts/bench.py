@@ -41,7 +41,7 @@ from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PARTNER_ID = "demo-wallet"  # registered by `init --demo-partner`
-PIN = "123456"
+PIN = "629047"
 KB = [sys.executable, "-m", "server"]
 #: Extra environment of the measured server (--rpc-threads).
 SERVER_ENV: dict[str, str] = {}

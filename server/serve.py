@@ -7,6 +7,7 @@ import logging
 import signal
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -22,6 +23,8 @@ from server.tls import ReloadingCredentials, TlsFiles, check_listen, load
 
 log = logging.getLogger(__name__)
 
+#: A probe that has not answered by then counts as failed (health NOT_SERVING, breaker open).
+PROBE_TIMEOUT_SECONDS = 5.0
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KeyBinderService"].full_name
 
 
@@ -42,6 +45,9 @@ class Server:
         # The probe gets its own thread so that a hung HSM call cannot starve it of RPC threads.
         self._probe_executor = ThreadPoolExecutor(1, thread_name_prefix="keybinder-probe")
         self._probe_task: asyncio.Task[None] | None = None
+        # Maintenance (expired rows, signed audit heads) on a thread of its own: never delays the probe.
+        self._sweep_executor = ThreadPoolExecutor(1, thread_name_prefix="keybinder-sweep")
+        self._sweep_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self.tls: ReloadingCredentials | None = None
 
@@ -91,6 +97,7 @@ class Server:
         self.port = bound
         await self._set_serving(True)
         self._probe_task = asyncio.create_task(self._probe_loop(), name="keybinder-health-probe")
+        self._sweep_task = asyncio.create_task(self._sweep_loop(), name="keybinder-sweep")
         log.info("listening on %s:%d (%s)", host, bound, "TLS" if self.tls is not None else "plaintext")
         return bound
 
@@ -113,9 +120,17 @@ class Server:
     async def probe_once(self) -> bool:
         """One HSM signature and one database round trip; updates the health status."""
         assert self.app is not None
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._probe_executor, self.app.probe)
+            # Bounded: a database that hangs (frozen, unreachable without a reset) must still turn health
+            # NOT_SERVING and open the breaker; the stuck call finishes on its thread when it can.
+            await asyncio.wait_for(
+                asyncio.wrap_future(self._probe_executor.submit(self.app.probe)), PROBE_TIMEOUT_SECONDS
+            )
+        except TimeoutError:
+            self.app.service.breaker.failed("health probe timed out")
+            log.warning("health probe failed: no answer within %.0f s", PROBE_TIMEOUT_SECONDS)
+            await self._set_serving(False)
+            return False
         except Exception as err:  # any failure means we should not be sent traffic
             log.warning("health probe failed: %s: %s", type(err).__name__, err)
             await self._set_serving(False)
@@ -135,6 +150,17 @@ class Server:
                 await asyncio.sleep(min(backoff, interval))
                 backoff = min(backoff * 2, 30.0)
 
+    async def _sweep_loop(self) -> None:
+        assert self.app is not None
+        sweeper = self.app.sweeper()
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval_seconds)
+            try:
+                await loop.run_in_executor(self._sweep_executor, sweeper.run_once, datetime.now(UTC))
+            except Exception as err:  # the next run tries again; serving goes on
+                log.warning("sweep failed: %s: %s", type(err).__name__, err)
+
     async def stop(self) -> None:
         """Stop taking RPCs, let in-flight ones finish within the grace period, release all."""
         if self._server is None:
@@ -142,11 +168,14 @@ class Server:
         server, self._server = self._server, None
         if self._probe_task is not None:
             self._probe_task.cancel()
+        if self._sweep_task is not None:
+            self._sweep_task.cancel()
         await self._health.enter_graceful_shutdown()
         await server.stop(self.settings.shutdown_grace_seconds)
         if self._executor is not None:
             self._executor.shutdown(wait=True)
         self._probe_executor.shutdown(wait=True)
+        self._sweep_executor.shutdown(wait=True)
         if self.app is not None:
             self.app.close()
         self._stopped.set()

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from server import deadline
 from server.errors import InvalidPartnerError, KeyBinderError
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
@@ -62,6 +63,8 @@ def authenticated(method: Method[Req, Resp]) -> Handler[Req, Resp]:
         # Observability: request context for logs, the access-log line (with a refusal's reason and
         # cause) and metrics at the end, x-request-id in the trailing metadata (see server.observability).
         with Rpc(name, context) as rpc:
+            # The caller's deadline reaches the service layer as a plain context variable (server.deadline).
+            token = deadline.start(context.time_remaining())
             try:
                 partner = await self.authenticate(context)
                 return await method(self, request, partner)
@@ -76,6 +79,8 @@ def authenticated(method: Method[Req, Resp]) -> Handler[Req, Resp]:
                 log.exception("%s failed unexpectedly", name)
                 rpc.failed()
                 await context.abort_with_status(rpc.status(internal_status()))
+            finally:
+                deadline.reset(token)
         raise AssertionError("unreachable")  # abort_with_status always raises
 
     return wrapper
@@ -100,6 +105,9 @@ class KeyBinderServicer(pb_grpc.KeyBinderServiceServicer):
         # Service calls block on the HSM and the database: on a thread pool they overlap those waits;
         # without one (executor None) they run right here, which costs the least CPU when every wait
         # is short (SQLite, an in-process HSM).
+        # While the database is known down, answer at once, here on the loop: no queueing behind RPC threads
+        # that are waiting for it.
+        self.service.check_available()
         if self.executor is None:
             return fn()
         # The request context (server.logs) follows the call: run_in_executor does not copy it.

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
-from server.domain import Binding
+from server.audit import AuditEvent, SignedHead
+from server.domain import Binding, Identity
+from server.limits import Limits
 from server.partners import PartnerStore
 from server.ports import (
     AuditLog,
@@ -35,6 +38,26 @@ class Store(
     """Everything one backend module provides: every port, plus what operators and tests need."""
 
     def ping(self) -> None: ...
+
+    def check_writable(self) -> None:
+        """A write that is rolled back (the health probe): StoreUnavailable when the database takes none."""
+        ...
+
+    def upsert_identities(
+        self, identities: Sequence[Identity], *, audit: Callable[[int, int], AuditEvent] | None = None
+    ) -> tuple[int, int]:
+        """Every identity in one transaction, with the entry ``audit(new, updated)``: all or nothing."""
+        ...
+
+    def purge_expired(self, now: datetime, limits: Limits, batch: int) -> dict[str, int]:
+        """Delete up to ``batch`` expired rows per table (nonces, OTPs, replay entries, limit windows)."""
+        ...
+
+    def chain_heads_after(self, row_id: int, limit: int) -> tuple[list[tuple[bytes, int, bytes]], int]: ...
+
+    def save_audit_heads(self, heads: Sequence[SignedHead]) -> None: ...
+
+    def audit_heads(self) -> Sequence[SignedHead]: ...
 
     def close(self) -> None: ...
 
