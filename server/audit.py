@@ -260,13 +260,6 @@ def verify_chains(
         if failed:
             continue
         own = signed.get(row.chain_key)
-        if own is None or row.seq > own.seq:
-            unsigned += 1
-        elif row.seq == own.seq and row.hash != own.hash:
-            rewritten = "hash differs from the chain's signed head: the chain was rewritten up to here"
-            broken.append(BrokenLink(row.id, chain_name(row.chain_key), row.seq, rewritten))
-            failed = True
-            continue
         problem: str | None = None
         if row.seq != expected_seq:
             problem = f"expected seq {expected_seq}: an entry before it was removed or inserted"
@@ -274,6 +267,11 @@ def verify_chains(
             problem = "prev_hash is not the hash of the previous entry"
         elif row.hash != row.expected_hash():
             problem = "hash does not match the entry's contents"
+        elif own is not None and row.seq == own.seq and row.hash != own.hash:
+            # Every link holds, yet the hash is not the one the HSM signed: the chain was recomputed.
+            problem = "hash differs from the chain's signed head: the chain was rewritten up to here"
+        if own is None or row.seq > own.seq:
+            unsigned += 1
         if problem is not None:
             broken.append(BrokenLink(row.id, chain_name(row.chain_key), row.seq, problem))
             failed = True

@@ -13,10 +13,10 @@ COOLDOWN_SECONDS = 1.0
 class CircuitBreaker:
     """Closed: requests go to the database. Open: they are refused without waiting for it.
 
-    The health probe feeds it (a failed database check opens it, a good one closes it), and so do requests
-    (a request that finds the database unreachable opens it, so the next ones need not wait out the same
-    timeouts). While open, one request per ``cooldown_seconds`` is let through as a trial: the breaker closes
-    as soon as anything — that trial or the probe — reaches the database again.
+    The health probe feeds it: a failed (or hung) database check opens it, a good one closes it. While open,
+    one request per ``cooldown_seconds`` is let through as a trial, and the breaker closes as soon as anything
+    — that trial or the probe — has reached the database again. Requests do not open it: one request's
+    failure (a lock timeout, a conflict) says nothing about the database as a whole.
     """
 
     def __init__(self, *, cooldown_seconds: float = COOLDOWN_SECONDS, clock: Callable[[], float] = time.monotonic):

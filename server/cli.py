@@ -380,6 +380,7 @@ def identities_import(
             )
         except (BackendUnavailable, sqlite3.Error, OSError) as err:
             cause = f"{type(err).__name__}: {err}" if not isinstance(err, BackendUnavailable) else str(err)
+            cause = cause.splitlines()[0] if cause else type(err).__name__  # the database's CONTEXT lines: logs
             with contextlib.suppress(Exception):  # the disk may still be full: the error line says it all
                 kb.store.append_audit(
                     admin_event(

@@ -76,7 +76,6 @@ from server.ports import (
     OtpStore,
     RateLimited,
     ReplayCache,
-    StoreUnavailable,
 )
 from server.wla import TokenRules, VerifiedToken, check_claims, read_header, verify_possession, verify_signed
 
@@ -287,14 +286,9 @@ class KeyBinderService:
             raise BackendUnavailableError("the database is unavailable; retry later")
 
     def _guarded(self, work: Callable[[], T]) -> T:
-        """Run ``work`` behind the breaker; a request that finds the database unreachable opens it."""
+        """Run ``work`` behind the breaker (opened by the health probe); a request that gets through closes it."""
         self.check_available()
-        try:
-            result = work()
-        except BackendUnavailableError as err:
-            if isinstance(err.__cause__, StoreUnavailable):
-                self.breaker.failed(str(err.__cause__))
-            raise
+        result = work()
         self.breaker.succeeded()
         return result
 

@@ -79,6 +79,10 @@ LOOSE_LIMITS: dict[str, Any] = {
     "otp_sends_per_individual": 1_000_000,
     "otp_sends_per_partner_per_minute": 10_000_000,
     "auth_failures_before_lockout": 1_000_000,
+    "auth_failures_per_partner_per_minute": 10_000_000,
+    "auth_failures_per_minute": 100_000_000,
+    "nonces_per_partner_per_minute": 10_000_000,
+    "nonces_per_individual": 1_000_000,
 }
 
 
