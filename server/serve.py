@@ -175,7 +175,8 @@ class Server:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
         self._probe_executor.shutdown(wait=True)
-        self._sweep_executor.shutdown(wait=True)
+        # Never waited for: a sweep stuck on a hung database must not hold up the shutdown.
+        self._sweep_executor.shutdown(wait=False, cancel_futures=True)
         if self.app is not None:
             self.app.close()
         self._stopped.set()
