@@ -34,6 +34,11 @@ class CircuitBreaker:
     def cause(self) -> str:
         return self._cause
 
+    def refusing(self) -> bool:
+        """Open and within its cooldown (no trial due): what the transport checks before queueing a request."""
+        opened = self._opened_at
+        return opened is not None and self._clock() - opened < self._cooldown
+
     def allow(self) -> bool:
         """May a request use the database now? (True when closed, or as the trial of an open breaker.)"""
         if self._opened_at is None:

@@ -79,11 +79,12 @@ class BindingStore(Protocol):
         now: datetime,
         consume_nonce: str | None = None,
         audit: AuditEvent | None = None,
+        release: Reservation | None = None,
     ) -> None:
         """In one transaction: mark the OTP (and PoP nonce) used if given, supersede the active
-        binding for (individual, partner, factor), insert ``binding`` and append ``audit``. Raises
-        ``OtpAlreadyUsed`` and writes nothing when a check fails. The caller has claimed the key
-        (``claim_key``) first."""
+        binding for (individual, partner, factor), insert ``binding``, append ``audit`` and give back the
+        attempt's ``release`` reservation (see LimitStore.reserve_attempt). Raises ``OtpAlreadyUsed`` and
+        writes nothing when a check fails. The caller has claimed the key (``claim_key``) first."""
         ...
 
     def bindings_for(self, id_hmac: bytes, partner_id: str) -> Sequence[Binding]: ...

@@ -49,7 +49,7 @@ from server.errors import (
     TooManyAttemptsError,
 )
 from server.issuers import published_certificates, published_chains, rotation_due, signing_issuer
-from server.jwk import WalletPublicKey, parse_wallet_jwk
+from server.jwk import WalletKey, WalletPublicKey, parse_wallet_jwk
 from server.limits import (
     LIMIT_LOCKOUT,
     Limits,
@@ -280,9 +280,12 @@ class KeyBinderService:
             return individual_event(trail.id_hmac, now, trail.partner_id, trail.action, outcome, reason, subject)
         return partner_event(now, trail.partner_id, trail.action, outcome, reason)
 
-    def check_available(self) -> None:
-        """Refuse at once (UNAVAILABLE, retryable) while the database is known to be down (the breaker)."""
-        if not self.breaker.allow():
+    def check_available(self, *, trial: bool = True) -> None:
+        """Refuse at once (UNAVAILABLE, retryable) while the database is known to be down (the breaker).
+
+        ``trial=False`` (the transport's check before queueing a request) never takes the breaker's trial:
+        the request's own service call does."""
+        if self.breaker.refusing() if not trial else not self.breaker.allow():
             raise BackendUnavailableError("the database is unavailable; retry later")
 
     def _guarded(self, work: Callable[[], T]) -> T:
@@ -473,7 +476,37 @@ class KeyBinderService:
         deadline.check("verifying the challenges")
         self._check_failure_budget(trail, partner_id)
         id_hmac = trail.id_hmac = self.id_hmac(individual_id)
-        consumed_otp = self._verify_counted(trail, individual_id, id_hmac, partner_id, challenges)
+        consumed_otp, reservation = self._verify_counted(trail, individual_id, id_hmac, partner_id, challenges)
+        try:
+            return self._bind(
+                trail,
+                partner_id,
+                individual_id,
+                id_hmac,
+                wallet,
+                bind_auth_factor_type,
+                pop_nonce,
+                consumed_otp,
+                reservation,
+            )
+        except BaseException:
+            # Authenticated, but not bound (the commit, which gives the reservation back, did not happen).
+            self._release(id_hmac, reservation)
+            raise
+
+    def _bind(
+        self,
+        trail: _Trail,
+        partner_id: str,
+        individual_id: str,
+        id_hmac: bytes,
+        wallet: WalletKey,
+        bind_auth_factor_type: str,
+        pop_nonce: str | None,
+        consumed_otp: str | None,
+        reservation: Reservation,
+    ) -> KeyBindingResult:
+        """The binding, once every challenge has passed: certificate, key claim, one commit."""
         consumed_nonce = self._check_nonce(pop_nonce, id_hmac, partner_id, consumed_otp)
 
         psut = b64url(self.hasher.mac(MAC_PSUT, partner_id, individual_id))
@@ -520,6 +553,7 @@ class KeyBinderService:
                 now=now,
                 consume_nonce=consumed_nonce,
                 audit=self._event(trail, Outcome.SUCCESS, subject=psut_subject(psut)),
+                release=reservation,
             )
         except OtpAlreadyUsed as err:
             if consumed_nonce is not None and err.args and err.args[0] == consumed_nonce:
@@ -562,13 +596,14 @@ class KeyBinderService:
         id_hmac: bytes,
         partner_id: str,
         challenges: Sequence[Challenge],
-    ) -> str | None:
+    ) -> tuple[str | None, Reservation]:
         """``_verify`` behind the individual's lockout, the check and the count one atomic step.
 
         The attempt is counted as a failure before it is evaluated (a reservation, in one transaction with the
         lockout check), so any number of concurrent requests in any number of processes get at most
-        ``auth_failures_before_lockout`` guesses evaluated; a success gives its reservation back. A lockout is
-        refused before any challenge is looked at, so even the right answer waits for it.
+        ``auth_failures_before_lockout`` guesses evaluated. On success the caller gives the reservation back
+        (with the binding's own transaction, or `_release`). A lockout is refused before any challenge is
+        looked at, so even the right answer waits for it.
         """
         now = self.clock.now()
         identity, reservation = self.limit_store.reserve_attempt(id_hmac, now, self.policy.limits)
@@ -586,8 +621,7 @@ class KeyBinderService:
         except BaseException:
             self._release(id_hmac, reservation)  # nothing was decided: the attempt is not a failure
             raise
-        self._release(id_hmac, reservation)
-        return consumed
+        return consumed, reservation
 
     def _release(self, id_hmac: bytes, reservation: Reservation) -> None:
         try:
@@ -788,7 +822,8 @@ class KeyBinderService:
             raise InvalidRevocationReasonError("reason must be 1 to 200 printable characters")
         self._check_failure_budget(trail, partner_id)
         id_hmac = trail.id_hmac = self.id_hmac(individual_id)
-        consumed_otp = self._verify_counted(trail, individual_id, id_hmac, partner_id, challenges)
+        consumed_otp, reservation = self._verify_counted(trail, individual_id, id_hmac, partner_id, challenges)
+        self._release(id_hmac, reservation)  # revocations are rare: their own small transaction
         try:
             revoked = self.bindings.revoke_binding(
                 id_hmac,

@@ -727,3 +727,23 @@ def test_the_server_signs_heads_and_purges_on_its_own(kb: RunningServer, person:
     chain = kb.app.service.id_hmac(person.individual_id)
     newest = [r for r in kb.app.store.audit_rows((chain, 0), 100) if r.chain_key == chain][-1]
     assert (heads[chain].seq, heads[chain].hash) == (newest.seq, newest.hash)
+
+
+def test_the_breaker_refuses_while_open_and_lets_one_trial_through_per_cooldown() -> None:
+    from server.breaker import CircuitBreaker
+
+    now = [100.0]
+    breaker = CircuitBreaker(cooldown_seconds=1.0, clock=lambda: now[0])
+    assert breaker.allow()
+    assert not breaker.refusing()
+    breaker.failed("probe: connection refused")
+    assert breaker.refusing()
+    assert not breaker.allow()
+    now[0] += 1.0
+    assert not breaker.refusing()  # the transport lets the request reach the service ...
+    assert breaker.allow()  # ... whose call is the one trial
+    assert not breaker.allow()
+    assert breaker.refusing()
+    breaker.succeeded()  # the trial (or the probe) reached the database
+    assert breaker.allow()
+    assert not breaker.is_open

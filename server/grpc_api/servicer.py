@@ -107,7 +107,7 @@ class KeyBinderServicer(pb_grpc.KeyBinderServiceServicer):
         # is short (SQLite, an in-process HSM).
         # While the database is known down, answer at once, here on the loop: no queueing behind RPC threads
         # that are waiting for it.
-        self.service.check_available()
+        self.service.check_available(trial=False)
         if self.executor is None:
             return fn()
         # The request context (server.logs) follows the call: run_in_executor does not copy it.

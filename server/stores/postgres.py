@@ -662,12 +662,15 @@ class PostgresStore:
         now: datetime,
         consume_nonce: str | None = None,
         audit: AuditEvent | None = None,
+        release: Reservation | None = None,
     ) -> None:
         b = binding
 
         def work(cur: Cur) -> None:
             self._lock_individual(cur, b.id_hmac)
             self._consume(cur, b.id_hmac, consume_otp, consume_nonce, now)
+            if release is not None:  # in this transaction: a success costs no extra one
+                self._release(cur, b.id_hmac, release)
             cur.execute(SQL_SUPERSEDE_ACTIVE, (_utc(now), b.id_hmac, b.partner_id, b.auth_factor_type))
             cur.execute(
                 SQL_INSERT_BINDING,
@@ -876,12 +879,18 @@ class PostgresStore:
 
         def work(cur: Cur) -> None:
             self._lock_individual(cur, id_hmac)
-            state = self._failure_state(cur, id_hmac)
-            new = release(state, reservation)
-            if new != state:
-                self._save_failure_state(cur, id_hmac, new)
+            self._release(cur, id_hmac, reservation)
 
         self._run(work, write=True)
+
+    @classmethod
+    def _release(cls, cur: Cur, id_hmac: bytes, reservation: Reservation) -> None:
+        if reservation.window_start is None:
+            return
+        state = cls._failure_state(cur, id_hmac)
+        new = release(state, reservation)
+        if new != state:
+            cls._save_failure_state(cur, id_hmac, new)
 
     def record_auth_failure(
         self,

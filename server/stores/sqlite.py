@@ -347,9 +347,12 @@ class SqliteStore:
         now: datetime,
         consume_nonce: str | None = None,
         audit: AuditEvent | None = None,
+        release: Reservation | None = None,
     ) -> None:
         with self._tx() as conn:
             self._consume(conn, binding.id_hmac, consume_otp, consume_nonce, now)
+            if release is not None:  # in this transaction: a success costs no extra commit
+                self._release(conn, binding.id_hmac, release)
             conn.execute(
                 "UPDATE bindings SET status = 'superseded', superseded_at = ?"
                 " WHERE id_hmac = ? AND partner_id = ? AND auth_factor_type = ? AND status = 'active'",
@@ -577,10 +580,15 @@ class SqliteStore:
         if reservation.window_start is None:
             return
         with self._tx() as conn:
-            state = self._failure_state(conn, id_hmac)
-            new = release(state, reservation)
-            if new != state:
-                self._save_failure_state(conn, id_hmac, new)
+            self._release(conn, id_hmac, reservation)
+
+    def _release(self, conn: sqlite3.Connection, id_hmac: bytes, reservation: Reservation) -> None:
+        if reservation.window_start is None:
+            return
+        state = self._failure_state(conn, id_hmac)
+        new = release(state, reservation)
+        if new != state:
+            self._save_failure_state(conn, id_hmac, new)
 
     def record_auth_failure(
         self,

@@ -23,6 +23,9 @@ CREATE INDEX otps_by_expiry ON otps (expires_at);
 CREATE INDEX wla_jtis_by_expiry ON wla_jtis (expires_at);
 CREATE INDEX binding_nonces_by_expiry ON binding_nonces (expires_at);
 
+-- The sweep signs the heads of the chains written since its last run, found by entry id.
+CREATE INDEX audit_log_by_id ON audit_log (id);
+
 -- The last signed head of each audit chain: (chain_key, seq, hash) under an HMAC whose key never leaves
 -- the HSM. Recomputing a chain needs no key; matching a signed head does. Distribution column: chain_key.
 CREATE TABLE audit_heads (
