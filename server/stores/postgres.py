@@ -264,6 +264,9 @@ SQL_COUNT_INDIVIDUAL_NONCE: Final = (
     + _COUNT_SEND.replace("otp_window_start", "nonce_window_start").replace("otp_sends", "nonces").format(key="id_hmac")
 )
 SQL_RESERVE_IDENTITY: Final = SQL_GET_IDENTITY
+# The reservation's commit does not wait for the WAL flush: lost to a crash of the database, it belongs to an
+# attempt that was never answered (the failure, or the binding that gives it back, is committed durably).
+SQL_RESERVE_NOT_DURABLE: Final = "SET LOCAL synchronous_commit TO off"
 # The sweep (server/sweeper.py): expired rows, oldest first, a bounded batch per statement. They name no
 # id_hmac: on a distributed database each fans out to every shard (maintenance, off the request path).
 # SKIP LOCKED: rows a request is using right now are left for the next run.
@@ -860,6 +863,7 @@ class PostgresStore:
     def reserve_attempt(self, id_hmac: bytes, now: datetime, limits: Limits) -> tuple[Identity | None, Reservation]:
         def work(cur: Cur) -> tuple[TupleRow | None, Reservation]:
             # The individual's lock makes the check and the count one step for every replica.
+            cur.execute(SQL_RESERVE_NOT_DURABLE)
             self._lock_individual(cur, id_hmac)
             cur.execute(SQL_RESERVE_IDENTITY, (id_hmac,))
             found = cur.fetchone()

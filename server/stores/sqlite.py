@@ -127,28 +127,40 @@ class SqliteStore:
             self._generation += 1
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """A write transaction. ``durable=False`` commits without waiting for the disk (synchronous=NORMAL):
+        on a power loss it may be lost, but never half-applied; only for writes whose loss is harmless."""
         conn = self._conn()
         # SQLite admits one writer at a time; threads of this process queue on a lock rather
         # than in SQLite's busy handler, whose sleeps (up to 100 ms each) make long latency tails.
         with self._write_lock:
+            if not durable:
+                conn.execute("PRAGMA synchronous=NORMAL")
             try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as err:
+                yield from self._in_tx(conn)
+            finally:
+                if not durable:
+                    with suppress(sqlite3.Error):
+                        conn.execute("PRAGMA synchronous=FULL")
+
+    def _in_tx(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as err:
+            if not _is_busy(err):
+                self._reopen_all()
+            raise StoreUnavailable(f"database busy or unavailable: {err}") from err
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException as err:
+            with suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            if isinstance(err, sqlite3.OperationalError):
                 if not _is_busy(err):
                     self._reopen_all()
-                raise StoreUnavailable(f"database busy or unavailable: {err}") from err
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException as err:
-                with suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                if isinstance(err, sqlite3.OperationalError):
-                    if not _is_busy(err):
-                        self._reopen_all()
-                    raise StoreUnavailable(f"database write failed: {err}") from err
-                raise
+                raise StoreUnavailable(f"database write failed: {err}") from err
+            raise
 
     def _query(self, sql: str, params: Sequence[object]) -> list[sqlite3.Row]:
         conn = self._conn()
@@ -565,7 +577,9 @@ class SqliteStore:
         )
 
     def reserve_attempt(self, id_hmac: bytes, now: datetime, limits: Limits) -> tuple[Identity | None, Reservation]:
-        with self._tx() as conn:
+        # Not waited for on disk: a reservation lost to a power cut belongs to an attempt that was never
+        # answered (its failure, or the binding that gives it back, is committed durably, and with it this).
+        with self._tx(durable=False) as conn:
             found = conn.execute(
                 "SELECT email, phone, name, pin_hmac FROM individuals WHERE id_hmac = ?", (id_hmac,)
             ).fetchone()
