@@ -60,12 +60,19 @@ def seconds_until(moment: datetime, now: datetime) -> int:
     return max(1, math.ceil((moment - now).total_seconds()))
 
 
+#: Requests take their time before they queue for an individual's lock, so a request may find a window that
+#: a slightly later request started: within this skew that window is the current one, not a future one.
+WINDOW_SKEW_SECONDS = 60
+
+
 def _current(window: Window, now: datetime, rule: RateRule) -> Window:
     """``window`` while it lasts, else a new, empty one starting now.
 
     The stores count OTP sends in one SQL statement with the same rule (see their SQL for send limits)."""
-    if window.start is None or now >= window.start + rule.window or now < window.start:
-        # A window in the future (the clock stepped back) is as good as expired: nobody waits for it.
+    if window.start is None or now >= window.start + rule.window:
+        return Window(now, 0)
+    if now < window.start - timedelta(seconds=WINDOW_SKEW_SECONDS):
+        # A window far in the future (the clock stepped back) is as good as expired: nobody waits for it.
         return Window(now, 0)
     return window
 

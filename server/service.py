@@ -76,6 +76,7 @@ from server.ports import (
     OtpStore,
     RateLimited,
     ReplayCache,
+    StoreUnavailable,
 )
 from server.wla import TokenRules, VerifiedToken, check_claims, read_header, verify_possession, verify_signed
 
@@ -302,23 +303,34 @@ class KeyBinderService:
         except KeyBinderError as err:
             if not trail.recorded:
                 failed = isinstance(err, KeyBindingFailedError)
-                self._append_alone(self._event(trail, Outcome.ERROR if failed else Outcome.REFUSED, err.reason))
+                event = self._event(trail, Outcome.ERROR if failed else Outcome.REFUSED, err.reason)
+                if isinstance(err.__cause__, StoreUnavailable):
+                    # This request just found the database unreachable: another bounded wait for it would
+                    # only push the answer past the caller's deadline. Say what is lost instead.
+                    self._lost(event, "database unavailable")
+                else:
+                    self._append_alone(event)
             raise
         except Exception:
             if not trail.recorded:
                 self._append_alone(self._event(trail, Outcome.ERROR, KeyBindingFailedError.reason))
             raise
 
+    @staticmethod
+    def _lost(event: AuditEvent, why: str) -> None:
+        log.error(
+            "audit entry lost (%s): action=%s outcome=%s reason=%s partner=%s",
+            why,
+            event.action,
+            event.outcome,
+            event.reason,
+            event.partner_id,
+        )
+
     def _append_alone(self, event: AuditEvent) -> None:
         if self.breaker.is_open:
             # Waiting for a database known to be down would only delay the refusal: say what is lost.
-            log.error(
-                "audit entry lost (database unavailable): action=%s outcome=%s reason=%s partner=%s",
-                event.action,
-                event.outcome,
-                event.reason,
-                event.partner_id,
-            )
+            self._lost(event, "database unavailable")
             return
         try:
             self.audit_log.append_audit(event)

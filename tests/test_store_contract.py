@@ -949,7 +949,8 @@ def test_parallel_reservations_never_evaluate_more_than_the_limit(store: Store) 
     id_hmac = new_id()
 
     def attempt(i: int) -> bool:
-        _, reservation = store.reserve_attempt(id_hmac, T0, LIMITS)
+        # Each request read the clock before it queued for the lock: their times are not in lock order.
+        _, reservation = store.reserve_attempt(id_hmac, T0 + timedelta(milliseconds=(i * 7919) % 40), LIMITS)
         if reservation.refused_until is not None:
             return False
         time.sleep(0.01)  # the guess being evaluated
