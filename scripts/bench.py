@@ -50,7 +50,7 @@ from server.grpc_api.demo import new_wallet_key  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PARTNER_ID = "demo-wallet"  # registered by `init --demo-partner`
-PIN = "123456"
+PIN = "629047"
 KB = [sys.executable, "-m", "server"]
 #: Extra environment of the measured server (--rpc-threads).
 SERVER_ENV: dict[str, str] = {}

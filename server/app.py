@@ -33,9 +33,11 @@ from server.notifiers.outbox import OutboxNotifier
 from server.notifiers.smtp import SmtpConfig, SmtpNotifier
 from server.notifiers.webhook import WebhookConfig, WebhookNotifier
 from server.partners import PartnerAuthenticator, hash_api_key, new_api_key
+from server.pin_policy import check_pin
 from server.ports import Notifier
 from server.service import KeyBinderService
 from server.stores import Store, migrate, open_store
+from server.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,16 @@ class App:
     notifier: Notifier | None = None
 
     def probe(self) -> None:
-        """One signature with the active issuer key in the HSM and one database round trip."""
+        """A database write (rolled back) and one signature with the active issuer key in the HSM.
+
+        The write shows what a read cannot: a database that is read-only or whose disk is full. Its outcome
+        feeds the circuit breaker, so requests are refused at once while the database is known down."""
+        try:
+            self.store.check_writable()
+        except Exception as err:
+            self.service.breaker.failed(f"{type(err).__name__}: {err}")
+            raise
+        self.service.breaker.succeeded()
         signer = self.service.active_issuer().signer
         data = b"keybinder health probe"
         if isinstance(signer, ed25519.Ed25519PrivateKey):
@@ -66,7 +77,10 @@ class App:
             signer.sign(data, ec.ECDSA(hashes.SHA256()))
         else:
             signer.sign(data, padding.PKCS1v15(), hashes.SHA256())
-        self.store.ping()
+
+    def sweeper(self) -> Sweeper:
+        """Periodic maintenance (expired rows, signed audit heads) for this process."""
+        return Sweeper(self.store, self.service.hasher, self.settings.limits(), batch=self.settings.sweep_batch_rows)
 
     def close(self) -> None:
         if isinstance(self.notifier, DeadlineNotifier):
@@ -483,12 +497,29 @@ def issuer_key_statuses(settings: Settings) -> list[IssuerStatus]:
 def check_identity(
     service: KeyBinderService, *, individual_id: str, pin: str | None, kbi: Mapping[str, str] | None = None
 ) -> None:
-    """Validate an identity before anything is written (KeyBinderError or ValueError)."""
+    """Validate an identity before anything is written (KeyBinderError or ValueError, a guessable PIN too)."""
     service.check_individual_id(individual_id)
-    if pin is not None and not (len(pin) == 6 and pin.isdigit()):
-        raise ValueError("a PIN is exactly 6 digits")
+    if pin is not None:
+        check_pin(pin)
     if kbi:
         enrolment_values(service.policy.kbi_fields, kbi, id_field=service.policy.kbi_individual_id_field)
+
+
+def identity_record(
+    service: KeyBinderService,
+    *,
+    individual_id: str,
+    email: str | None,
+    phone: str | None,
+    name: str | None,
+    pin: str | None,
+    kbi: Mapping[str, str] | None = None,
+) -> Identity:
+    """The row to store for an individual (checked first, its KBI answers too): only HMACs of the ID and PIN."""
+    check_identity(service, individual_id=individual_id, pin=pin, kbi=kbi)
+    id_hmac = service.id_hmac(individual_id)
+    pin_hmac = service.pin_hmac(id_hmac, pin) if pin is not None else None
+    return Identity(id_hmac, email or None, phone or None, name or None, pin_hmac)
 
 
 def register_identity(

@@ -10,6 +10,13 @@ entries live on the individual's shard and are appended in the same transaction 
 describe. Events without an individual (a request refused before the ID was hashed, a partner rate limit)
 go to the partner's chain; admin CLI actions to the ``admin`` chain.
 
+The chain alone is keyless: anyone who can write the table can recompute it after an edit. So the head of
+every chain (its newest seq and hash) is signed periodically with an HMAC key that never leaves the HSM
+(``audit_heads``, `server.sweeper`), and `keybinder audit verify` checks every signed head: its MAC, that the
+chain still holds that entry with that hash (an edit before it changes the hash), and that the chain has
+not been cut short of it (truncation of the newest entries). Entries after a chain's last signed head are
+protected by the chain only until the next signing run; `audit verify` counts them.
+
 Entries never hold a raw individual ID, OTP, PIN or key: only reason codes, the partner, and a PSUT or
 ID-HMAC (hex) as the subject.
 """
@@ -18,7 +25,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -151,6 +158,46 @@ class AuditRow:
         }
 
 
+#: The HSM MAC purpose of a signed chain head (one HMAC key, one label per meaning; see server.service).
+MAC_AUDIT_HEAD = "audit-head"
+
+
+def head_parts(chain_key: bytes, seq: int, hash_: bytes) -> tuple[bytes, bytes, bytes]:
+    """What a head's MAC covers (the KeyedHasher length-prefixes each part)."""
+    return chain_key, seq.to_bytes(8, "big", signed=True), hash_
+
+
+@dataclass(frozen=True, slots=True)
+class SignedHead:
+    """A chain's newest entry (seq, hash) at ``signed_at``, under an HSM-keyed MAC."""
+
+    chain_key: bytes
+    seq: int
+    hash: bytes
+    signed_at: datetime
+    mac: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "chain": chain_name(self.chain_key),
+            "chain_key": self.chain_key.hex(),
+            "seq": self.seq,
+            "hash": self.hash.hex(),
+            "signed_at": canonical_time(self.signed_at),
+            "mac": self.mac.hex(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SignedHead:
+        return cls(
+            bytes.fromhex(data["chain_key"]),
+            int(data["seq"]),
+            bytes.fromhex(data["hash"]),
+            datetime.fromisoformat(data["signed_at"].replace("Z", "+00:00")),
+            bytes.fromhex(data["mac"]),
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class BrokenLink:
     row_id: int
@@ -168,31 +215,77 @@ class VerifyReport:
     entries: int
     #: The first broken link of each broken chain, in row-id order.
     broken: list[BrokenLink]
+    #: Signed heads checked, and entries newer than their chain's last signed head (chain-protected only).
+    signed_heads: int = 0
+    unsigned_entries: int = 0
 
 
-def verify_chains(rows: Iterable[AuditRow]) -> VerifyReport:
-    """Recompute every chain from ``rows``, which come ordered by (chain_key, seq)."""
+def verify_chains(
+    rows: Iterable[AuditRow],
+    heads: Iterable[SignedHead] = (),
+    mac_ok: Callable[[SignedHead], bool] | None = None,
+) -> VerifyReport:
+    """Recompute every chain from ``rows``, which come ordered by (chain_key, seq), and check them against
+    their signed ``heads`` (``mac_ok`` checks a head's MAC in the HSM)."""
     broken: list[BrokenLink] = []
-    chains = entries = 0
+    signed: dict[bytes, SignedHead] = {}
+    checked = 0
+    for head in heads:
+        checked += 1
+        if mac_ok is not None and not mac_ok(head):
+            broken.append(BrokenLink(0, chain_name(head.chain_key), head.seq, "its signed head's MAC does not verify"))
+            continue
+        signed[head.chain_key] = head
+    chains = entries = unsigned = 0
     key: bytes | None = None
     expected_seq, prev, failed = 1, GENESIS, False
+    last: AuditRow | None = None
+
+    def close_chain(row: AuditRow | None) -> None:
+        # The chain ended: it must reach its signed head (newest entries cut off otherwise).
+        if row is None or failed:
+            return
+        head = signed.pop(row.chain_key, None)
+        if head is not None and row.seq < head.seq:
+            problem = f"the chain ends at seq {row.seq} but its signed head is seq {head.seq}: newest entries removed"
+            broken.append(BrokenLink(row.id, chain_name(row.chain_key), row.seq, problem))
+
     for row in rows:
         entries += 1
         if row.chain_key != key:
+            close_chain(last)
             key, expected_seq, prev, failed = row.chain_key, 1, GENESIS, False
             chains += 1
+        last = row
         if failed:
             continue
-        problem = None
+        own = signed.get(row.chain_key)
+        problem: str | None = None
         if row.seq != expected_seq:
             problem = f"expected seq {expected_seq}: an entry before it was removed or inserted"
         elif row.prev_hash != prev:
             problem = "prev_hash is not the hash of the previous entry"
         elif row.hash != row.expected_hash():
             problem = "hash does not match the entry's contents"
+        elif own is not None and row.seq == own.seq and row.hash != own.hash:
+            # Every link holds, yet the hash is not the one the HSM signed: the chain was recomputed.
+            problem = "hash differs from the chain's signed head: the chain was rewritten up to here"
+        if own is None or row.seq > own.seq:
+            unsigned += 1
         if problem is not None:
             broken.append(BrokenLink(row.id, chain_name(row.chain_key), row.seq, problem))
             failed = True
             continue
         expected_seq, prev = row.seq + 1, row.hash
-    return VerifyReport(chains, entries, sorted(broken, key=lambda b: b.row_id))
+    close_chain(last)
+    for head in signed.values():  # a signed chain none of whose entries is left
+        if all(b.chain != chain_name(head.chain_key) for b in broken):
+            problem = f"the chain has no entries but its signed head is seq {head.seq}: the chain was removed"
+            broken.append(BrokenLink(0, chain_name(head.chain_key), head.seq, problem))
+    return VerifyReport(
+        chains,
+        entries,
+        sorted(broken, key=lambda b: b.row_id),
+        signed_heads=checked,
+        unsigned_entries=unsigned,
+    )

@@ -374,12 +374,15 @@ def identities_import(
     database_url: DbOpt = None,
     hsm_uri: HsmOpt = None,
 ) -> None:
-    """Import identities; the ID, its aliases, the PIN and KBI attributes are stored only as HSM-keyed HMACs."""
-    from server.aliases import add_alias, check_alias, check_alias_free
-    from server.app import check_identity, register_identity
-    from server.audit import admin_event
+    """Import identities in one transaction; the ID, its aliases, the PIN and KBI attributes are stored only as
+    HSM-keyed HMACs."""
+    import sqlite3
+
+    from server.aliases import Alias, AliasConflict, check_alias, check_alias_free
+    from server.app import identity_record
+    from server.audit import Outcome, admin_event
     from server.errors import KeyBinderError
-    from server.ports import StoreConflict
+    from server.ports import BackendUnavailable
 
     settings = _settings(config, data_dir, database_url, hsm_uri)
     try:
@@ -402,30 +405,15 @@ def identities_import(
     import_now = datetime.now(UTC)
     aliases = _import_aliases(entries, import_now)
     kb = _with_app(settings)
-    added = updated = 0
     try:
-        # Every entry is checked before the first is written: a bad file imports nothing.
+        # Every entry is checked (and its HMACs made) before anything is written: a bad file imports nothing.
+        records = []
+        answers: list[dict[str, bytes] | None] = []
+        new_aliases: list[Alias] = []
         for index, entry in enumerate(entries):
             try:
-                check_identity(
-                    kb.service, individual_id=entry["individual_id"], pin=entry.get("pin"), kbi=entry.get("kbi")
-                )
-                if kb.service.resolve(entry["individual_id"]) != kb.service.id_hmac(entry["individual_id"]):
-                    raise ValueError("this ID is an alias of a registered individual; revoke the alias first")
-                for alias_id, alias_type, _ in aliases[index]:
-                    check_alias(
-                        kb.service, individual_id=entry["individual_id"], alias_id=alias_id, alias_type=alias_type
-                    )
-                    check_alias_free(
-                        kb.service, kb.store, individual_id=entry["individual_id"], alias_id=alias_id, now=import_now
-                    )
-            except (KeyBinderError, ValueError) as err:
-                raise _fail(RuntimeError(f"entry {index}: {err}")) from err
-        for index, entry in enumerate(entries):
-            try:
-                new = register_identity(
+                record = identity_record(
                     kb.service,
-                    kb.store,
                     individual_id=entry["individual_id"],
                     email=entry.get("email"),
                     phone=entry.get("phone"),
@@ -433,23 +421,52 @@ def identities_import(
                     pin=entry.get("pin"),
                     kbi=entry.get("kbi"),
                 )
+                if kb.service.resolve(entry["individual_id"]) != record.id_hmac:
+                    raise ValueError("this ID is an alias of a registered individual; revoke the alias first")
+                records.append(record)
+                answers.append(kb.service.kbi_hmacs(record.id_hmac, entry["kbi"]) if entry.get("kbi") else None)
                 for alias_id, alias_type, expires_at in aliases[index]:
-                    add_alias(
-                        kb.service,
-                        kb.store,
-                        individual_id=entry["individual_id"],
-                        alias_id=alias_id,
-                        alias_type=alias_type,
-                        expires_at=expires_at,
-                        now=import_now,
+                    check_alias(
+                        kb.service, individual_id=entry["individual_id"], alias_id=alias_id, alias_type=alias_type
                     )
-            except (KeyBinderError, ValueError, StoreConflict) as err:
+                    check_alias_free(
+                        kb.service, kb.store, individual_id=entry["individual_id"], alias_id=alias_id, now=import_now
+                    )
+                    new_aliases.append(
+                        Alias(kb.service.id_hmac(alias_id), record.id_hmac, alias_type, import_now, expires_at)
+                    )
+            except (KeyBinderError, ValueError) as err:
                 raise _fail(RuntimeError(f"entry {index}: {err}")) from err
-            added += new
-            updated += not new
-        _audit_admin(
-            kb.store, admin_event(datetime.now(UTC), "identities_import", subject=f"{added} new, {updated} updated")
-        )
+        # One transaction, with its audit entry: a full disk or a lost database imports nothing at all.
+        try:
+            added, updated = kb.store.upsert_identities(
+                records,
+                kbi=answers,
+                aliases=new_aliases,
+                audit=lambda new, changed: admin_event(
+                    datetime.now(UTC), "identities_import", subject=f"{new} new, {changed} updated"
+                ),
+            )
+        except AliasConflict as err:
+            raise _fail(RuntimeError(f"nothing was imported: {err}")) from err
+        except (BackendUnavailable, sqlite3.Error, OSError) as err:
+            cause = f"{type(err).__name__}: {err}" if not isinstance(err, BackendUnavailable) else str(err)
+            cause = cause.splitlines()[0] if cause else type(err).__name__  # the database's CONTEXT lines: logs
+            with contextlib.suppress(Exception):  # the disk may still be full: the error line says it all
+                kb.store.append_audit(
+                    admin_event(
+                        datetime.now(UTC),
+                        "identities_import",
+                        Outcome.ERROR,
+                        subject=f"{len(records)} entries, nothing imported",
+                    )
+                )
+            raise _fail(
+                RuntimeError(
+                    f"import failed, nothing was imported ({cause}); fix the database (disk space, permissions)"
+                    " and run the import again"
+                )
+            ) from err
     finally:
         kb.close()
     typer.echo(f"imported {len(entries)} identities ({added} new, {updated} updated)")
@@ -669,27 +686,108 @@ def _audit_rows(store: Store) -> Iterator[AuditRow]:
         after = (page[-1].chain_key, page[-1].seq)
 
 
+def _newest_heads(*sources: Any) -> list[Any]:
+    """One head per chain: the newest among the database's and any exported file's."""
+    newest: dict[bytes, Any] = {}
+    for heads in sources:
+        for head in heads:
+            if head.chain_key not in newest or head.seq > newest[head.chain_key].seq:
+                newest[head.chain_key] = head
+    return list(newest.values())
+
+
+def _read_heads(path: Path) -> list[Any]:
+    from server.audit import SignedHead
+
+    try:
+        return [SignedHead.from_json(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError, KeyError) as err:
+        raise _fail(RuntimeError(f"cannot read signed heads from {path}: {err}")) from err
+
+
 @audit_app.command("verify")
-def audit_verify(config: ConfigOpt = None, data_dir: DataDirOpt = None, database_url: DbOpt = None) -> None:
-    """Recompute every hash chain; name the first broken link of each broken chain (exit status 1)."""
+def audit_verify(
+    heads_file: Annotated[
+        Path | None,
+        typer.Option("--heads", help="Signed heads exported by `audit sign -o` (kept off the database) to check too."),
+    ] = None,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+    hsm_uri: HsmOpt = None,
+) -> None:
+    """Recompute every hash chain and check it against its HSM-signed head; name the first broken link of
+    each broken chain (exit status 1)."""
+    from hsm import HsmError
     from server.audit import verify_chains
     from server.ports import BackendUnavailable
     from server.stores import open_store
+    from server.sweeper import head_mac_ok
 
-    settings = _settings(config, data_dir, database_url, None)
+    settings = _settings(config, data_dir, database_url, hsm_uri)
+    exported = _read_heads(heads_file) if heads_file is not None else []
     store = open_store(settings.database)
+    kb = None
     try:
-        report = verify_chains(_audit_rows(store))
+        heads = _newest_heads(store.audit_heads(), exported)
+        if heads:  # only the HSM can check a head's MAC
+            try:
+                kb = _with_app(settings)
+            except (HsmError, BackendUnavailable, OSError) as err:
+                raise _fail(RuntimeError(f"the signed heads need the HSM to be checked: {err}")) from err
+        hasher = kb.service.hasher if kb is not None else None
+        report = verify_chains(
+            _audit_rows(store), heads, (lambda h: head_mac_ok(hasher, h)) if hasher is not None else None
+        )
     except BackendUnavailable as err:
         raise _fail(err) from err
     finally:
         store.close()
+        if kb is not None:
+            kb.close()
     if report.broken:
         typer.echo(f"audit trail BROKEN: {len(report.broken)} of {report.chains} chain(s), {report.entries} entries")
         for link in report.broken:
             typer.echo(f"first broken link: {link}")
         raise typer.Exit(1)
-    typer.echo(f"audit trail intact: {report.entries} entries in {report.chains} chain(s)")
+    typer.echo(
+        f"audit trail intact: {report.entries} entries in {report.chains} chain(s); {report.signed_heads} signed"
+        f" head(s) verified, {report.unsigned_entries} entries newer than their chain's last signed head"
+    )
+
+
+@audit_app.command("sign")
+def audit_sign(
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Append the signed heads to this file (JSON lines).")
+    ] = None,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+    hsm_uri: HsmOpt = None,
+) -> None:
+    """Sign every chain's head now with the HSM (servers do it every sweep_interval_seconds); with -o, export
+    the heads, so that a copy lives off the database."""
+    from hsm import HsmError
+    from server.ports import BackendUnavailable
+
+    settings = _settings(config, data_dir, database_url, hsm_uri)
+    try:
+        kb = _with_app(settings)
+    except (HsmError, BackendUnavailable, OSError) as err:
+        raise _fail(err) from err
+    try:
+        signed = kb.sweeper().sign_all(datetime.now(UTC))
+        heads = kb.store.audit_heads()
+        if output is not None:
+            with output.open("a", encoding="utf-8") as out:
+                for head in heads:
+                    out.write(json.dumps(head.to_json(), sort_keys=True) + "\n")
+    except (BackendUnavailable, HsmError, OSError) as err:
+        raise _fail(err) from err
+    finally:
+        kb.close()
+    typer.echo(f"signed {signed} chain head(s); {len(heads)} signed head(s) in the database")
 
 
 @audit_app.command("export")

@@ -207,6 +207,21 @@ class Settings(BaseSettings):
     )
     auth_failure_window_seconds: int = Field(900, ge=1, le=86400, description="... within this many seconds.")
     lockout_seconds: int = Field(900, ge=1, le=86400 * 7, description="How long a lockout lasts.")
+    auth_failures_per_partner_per_minute: int = Field(
+        120, ge=1, le=10_000_000, description="Failed challenges one partner may cause per minute (all IDs)."
+    )
+    auth_failures_per_minute: int = Field(
+        1_000, ge=1, le=100_000_000, description="Failed challenges all partners together may cause per minute."
+    )
+    nonces_per_partner_per_minute: int = Field(
+        600, ge=1, le=10_000_000, description="GetBindingNonce calls one partner may make per minute."
+    )
+    nonces_per_individual: int = Field(10, ge=1, le=1_000_000, description="Nonces one individual may get ...")
+    nonce_window_seconds: int = Field(600, ge=1, le=86400, description="... per this many seconds.")
+    sweep_interval_seconds: float = Field(
+        60.0, gt=0, le=86400, description="Interval of the sweep of expired rows and of audit head signing."
+    )
+    sweep_batch_rows: int = Field(1000, ge=1, le=1_000_000, description="Rows per table one sweep run may delete.")
 
     # -- transport security and partner authentication -------------------------------------
     tls_cert: Path | None = Field(
@@ -438,6 +453,10 @@ class Settings(BaseSettings):
             otp_sends_per_partner=RateRule(self.otp_sends_per_partner_per_minute, 60),
             auth_failures=RateRule(self.auth_failures_before_lockout, self.auth_failure_window_seconds),
             lockout_seconds=self.lockout_seconds,
+            auth_failures_per_partner=RateRule(self.auth_failures_per_partner_per_minute, 60),
+            auth_failures_global=RateRule(self.auth_failures_per_minute, 60),
+            nonces_per_partner=RateRule(self.nonces_per_partner_per_minute, 60),
+            nonces_per_individual=RateRule(self.nonces_per_individual, self.nonce_window_seconds),
         )
 
     def apply_environment(self) -> None:

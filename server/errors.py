@@ -16,6 +16,7 @@ class Status(enum.Enum):
     UNAVAILABLE = "UNAVAILABLE"
     INTERNAL = "INTERNAL"
     NOT_FOUND = "NOT_FOUND"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
 
 
 class KeyBinderError(Exception):
@@ -114,9 +115,11 @@ class TooManyAttemptsError(KeyBinderError):
     reason = "too_many_attempts"
     status = Status.RESOURCE_EXHAUSTED
 
-    def __init__(self, message: str, *, retry_after_seconds: int) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, retry_after_seconds: int, limit: str = "") -> None:
+        # ``limit`` names the limit that refused (ErrorInfo metadata, the refusal metric): never a secret.
+        super().__init__(message, metadata={"limit": limit} if limit else None)
         self.retry_after_seconds = retry_after_seconds
+        self.limit = limit
 
 
 class RequiredHeaderMissingError(KeyBinderError):
@@ -144,6 +147,13 @@ class BackendUnavailableError(KeyBindingFailedError):
     """The HSM or the database is unreachable: retryable, nothing was written."""
 
     status = Status.UNAVAILABLE
+
+
+class DeadlineExceededError(KeyBinderError):
+    """The caller's deadline passed before the work started: nothing was written."""
+
+    reason = "deadline_exceeded"
+    status = Status.DEADLINE_EXCEEDED
 
 
 class NotFoundError(KeyBinderError):

@@ -79,6 +79,12 @@ class Recorder:
         self.lockouts = Counter(
             "keybinder_lockouts", f"RPCs refused with {LOCKOUT_REASON} (lockout or rate limit), by method.", ["method"]
         )
+        self.limit_refusals = Counter(
+            "keybinder_limit_refusals",
+            "Requests refused by an abuse limit, by limit (partner_auth_failures, global_auth_failures,"
+            " individual_lockout, partner_otp_sends, individual_otp_sends, partner_nonces, individual_nonces).",
+            ["limit"],
+        )
         self.otps = Counter("keybinder_otps_sent", "OTPs handed to the notifier, by channel.", ["channel"])
         self.hsm_seconds = Histogram(
             "keybinder_hsm_operation_duration_seconds",
@@ -105,6 +111,9 @@ class Recorder:
         latency.observe(seconds)
         if lockouts is not None:
             lockouts.inc()
+
+    def limit_refused(self, limit: str) -> None:
+        self.limit_refusals.labels(limit).inc()
 
     def otp_sent(self, channel: str) -> None:
         child = self._otp_children.get(channel)

@@ -17,7 +17,7 @@ from server.domain import (
     Partner,
     PendingIssuer,
 )
-from server.limits import FailureState, Limits, RateRule
+from server.limits import FailureState, Limits, RateRule, Reservation, Window
 
 
 class Clock(Protocol):
@@ -110,11 +110,12 @@ class BindingStore(BindingLookup, Protocol):
         now: datetime,
         consume_nonce: str | None = None,
         audit: AuditEvent | None = None,
+        release: Reservation | None = None,
     ) -> None:
         """In one transaction: mark the OTP (and PoP nonce) used if given, supersede the active
-        binding for (individual, partner, factor), insert ``binding`` and append ``audit``. Raises
-        ``OtpAlreadyUsed`` and writes nothing when a check fails. The caller has claimed the key
-        (``claim_key``) first."""
+        binding for (individual, partner, factor), insert ``binding``, append ``audit`` and give back the
+        attempt's ``release`` reservation (see LimitStore.reserve_attempt). Raises ``OtpAlreadyUsed`` and
+        writes nothing when a check fails. The caller has claimed the key (``claim_key``) first."""
         ...
 
     def bindings_for(self, id_hmac: bytes, partner_id: str) -> Sequence[Binding]: ...
@@ -153,7 +154,19 @@ class ReplayCache(Protocol):
 
 
 class NonceStore(Protocol):
-    def create_nonce(self, nonce: str, id_hmac: bytes, partner_id: str, expires_at: datetime) -> None: ...
+    def create_nonce(
+        self,
+        nonce: str,
+        id_hmac: bytes,
+        partner_id: str,
+        expires_at: datetime,
+        *,
+        now: datetime | None = None,
+        limit: RateRule | None = None,
+    ) -> None:
+        """Store a nonce; with ``limit`` (and ``now``), count it against the individual's nonce limit in the
+        same transaction and raise ``RateLimited`` (writing nothing) when it is reached."""
+        ...
 
     def nonce_usable(self, nonce: str, id_hmac: bytes, partner_id: str, now: datetime) -> bool: ...
 
@@ -194,11 +207,39 @@ class LimitStore(Protocol):
         """Count one OTP request of the partner: 0 when within ``rule``, else the seconds until it may retry."""
         ...
 
+    def reserve_attempt(self, id_hmac: bytes, now: datetime, limits: Limits) -> tuple[Identity | None, Reservation]:
+        """In one transaction under the individual's lock: read the identity, check the lockout and count the
+        attempt as a failure before it is evaluated (``server.limits.reserve``)."""
+        ...
+
+    def release_attempt(self, id_hmac: bytes, reservation: Reservation) -> None:
+        """Give a successful (or undecided) attempt's reservation back."""
+        ...
+
     def record_auth_failure(
-        self, id_hmac: bytes, now: datetime, limits: Limits, *, audit: AuditEvent, lockout_audit: AuditEvent
+        self,
+        id_hmac: bytes,
+        now: datetime,
+        limits: Limits,
+        *,
+        audit: AuditEvent,
+        lockout_audit: AuditEvent,
+        reservation: Reservation | None = None,
     ) -> FailureState:
-        """In one transaction: count a failed challenge, append ``audit``, and ``lockout_audit`` too when this
-        failure starts a lockout. Returns the new state."""
+        """In one transaction: count a failed challenge (already counted when ``reservation`` is given), append
+        ``audit``, and ``lockout_audit`` too when this failure starts a lockout. Returns the new state."""
+        ...
+
+    def failure_budget(self, partner_id: str) -> tuple[Window, Window]:
+        """The failed-challenge windows of the partner and of every partner together."""
+        ...
+
+    def count_failure_budget(self, partner_id: str, now: datetime, limits: Limits) -> None:
+        """Count one failed challenge against the partner's budget and the global one."""
+        ...
+
+    def count_partner_nonce(self, partner_id: str, now: datetime, rule: RateRule) -> int:
+        """Count one GetBindingNonce of the partner: 0 when within ``rule``, else the seconds to wait."""
         ...
 
 

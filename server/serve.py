@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -43,6 +44,8 @@ MIN_CONNECTIONS = 16
 KEEPALIVE_TIMEOUT_MS = 20_000
 #: Calls one connection may have in flight; more wait on the client side (HTTP/2 SETTINGS).
 MAX_STREAMS_PER_CONNECTION = 100
+#: A probe that has not answered by then counts as failed (health NOT_SERVING, breaker open).
+PROBE_TIMEOUT_SECONDS = 5.0
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KeyBinderService"].full_name
 
 
@@ -70,6 +73,9 @@ class Server:
         # The probe gets its own thread so that a hung HSM call cannot starve it of RPC threads.
         self._probe_executor = ThreadPoolExecutor(1, thread_name_prefix="keybinder-probe")
         self._probe_task: asyncio.Task[None] | None = None
+        # Maintenance (expired rows, signed audit heads) on a thread of its own: never delays the probe.
+        self._sweep_executor = ThreadPoolExecutor(1, thread_name_prefix="keybinder-sweep")
+        self._sweep_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self.tls: ReloadingCredentials | None = None
 
@@ -116,6 +122,7 @@ class Server:
         self.port = bound
         await self._set_serving(True)
         self._probe_task = asyncio.create_task(self._probe_loop(), name="keybinder-health-probe")
+        self._sweep_task = asyncio.create_task(self._sweep_loop(), name="keybinder-sweep")
         log.info("listening on %s:%d (%s)", host, bound, "TLS" if self.tls is not None else "plaintext")
         return bound
 
@@ -138,9 +145,17 @@ class Server:
     async def probe_once(self) -> bool:
         """One HSM signature and one database round trip; updates the health status."""
         assert self.app is not None
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._probe_executor, self.app.probe)
+            # Bounded: a database that hangs (frozen, unreachable without a reset) must still turn health
+            # NOT_SERVING and open the breaker; the stuck call finishes on its thread when it can.
+            await asyncio.wait_for(
+                asyncio.wrap_future(self._probe_executor.submit(self.app.probe)), PROBE_TIMEOUT_SECONDS
+            )
+        except TimeoutError:
+            self.app.service.breaker.failed("health probe timed out")
+            log.warning("health probe failed: no answer within %.0f s", PROBE_TIMEOUT_SECONDS)
+            await self._set_serving(False)
+            return False
         except Exception as err:  # any failure means we should not be sent traffic
             log.warning("health probe failed: %s: %s", type(err).__name__, err)
             await self._set_serving(False)
@@ -160,6 +175,17 @@ class Server:
                 await asyncio.sleep(min(backoff, interval))
                 backoff = min(backoff * 2, 30.0)
 
+    async def _sweep_loop(self) -> None:
+        assert self.app is not None
+        sweeper = self.app.sweeper()
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval_seconds)
+            try:
+                await loop.run_in_executor(self._sweep_executor, sweeper.run_once, datetime.now(UTC))
+            except Exception as err:  # the next run tries again; serving goes on
+                log.warning("sweep failed: %s: %s", type(err).__name__, err)
+
     async def stop(self) -> None:
         """Stop taking RPCs, let in-flight ones finish within the grace period, release all.
 
@@ -173,6 +199,8 @@ class Server:
         deadline = time.monotonic() + grace
         if self._probe_task is not None:
             self._probe_task.cancel()
+        if self._sweep_task is not None:
+            self._sweep_task.cancel()
         await self._health.enter_graceful_shutdown()
         # At most half the grace for picking up calls already sent; the rest for those running to finish.
         await self._drain(time.monotonic() + grace / 2)
@@ -180,6 +208,8 @@ class Server:
         # Past the grace, grpc has cancelled every call; threads still inside one get a moment more, then are
         # left behind (they are only waiting on a peer: nothing half-written is committed by leaving).
         release_by = max(deadline, time.monotonic()) + RELEASE_SECONDS
+        # Never waited for: a sweep stuck on a hung database must not hold up the shutdown.
+        self._sweep_executor.shutdown(wait=False, cancel_futures=True)
         executors = [e for e in (self._executor, self._outbound_executor, self._probe_executor) if e is not None]
         for executor in executors:
             executor.shutdown(wait=False, cancel_futures=True)

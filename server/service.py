@@ -18,13 +18,15 @@ from typing import ParamSpec, TypeVar
 
 from cryptography import x509
 
+from server import deadline
 from server.aliases import AliasStore
-from server.audit import AuditEvent, Outcome, individual_event, partner_event, psut_subject
+from server.audit import AuditEvent, Outcome, individual_event, partner_chain, partner_event, psut_subject
 from server.auth import Attempt, AuthContext, Challenge, Factors
 from server.auth.kbi import enrolment_hmacs
 from server.auth.otp import MAC_OTP
 from server.auth.pin import MAC_PIN
 from server.auth.wla import verify_wallet_token
+from server.breaker import CircuitBreaker
 from server.certs import Issuer, issue_wallet_certificate, to_pem, x5t_s256
 from server.domain import Binding, BindingStatus, Identity, IssuerRecord, OtpChannel, OtpMessage, OtpRecord
 from server.errors import (
@@ -47,9 +49,14 @@ from server.errors import (
     TooManyAttemptsError,
 )
 from server.issuers import published_certificates, published_chains, rotation_due, signing_issuer
-from server.jwk import WalletPublicKey, parse_wallet_jwk
+from server.jwk import WalletKey, WalletPublicKey, parse_wallet_jwk
 from server.keytypes import check_key_type
-from server.limits import seconds_until
+from server.limits import (
+    LIMIT_LOCKOUT,
+    Reservation,
+    budget_refusal,
+    seconds_until,
+)
 from server.otp import new_otp
 from server.policy import PARTNER_ID_PATTERN, Policy
 from server.ports import (
@@ -72,6 +79,7 @@ from server.ports import (
     OtpStore,
     RateLimited,
     ReplayCache,
+    StoreUnavailable,
 )
 from server.wla import VerifiedToken, verify_possession
 
@@ -98,6 +106,10 @@ MAC_ID = "individual-id"
 #: bindings made then (see `_psut`); new PSUTs are keyed by the canonical ID-HMAC (MAC_PSUT_INDIVIDUAL).
 MAC_PSUT = "psut"
 MAC_PSUT_INDIVIDUAL = "psut-individual"
+
+#: The one answer to SendBindingOtp for an unknown individual and for one without a contact on the channel:
+#: the same reason and the same words, so the message does not tell them apart.
+SEND_OTP_REFUSED = "cannot send an OTP to this individual on the requested channel"
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +198,7 @@ class KeyBinderService:
         audit_log: AuditLog,
         kbi: KbiStore,
         aliases: AliasStore,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.policy = policy
         self.clock = clock
@@ -201,6 +214,8 @@ class KeyBinderService:
         self.limit_store = limit_store
         self.audit_log = audit_log
         self.aliases = aliases
+        #: Open while the database is known to be down: requests are answered UNAVAILABLE at once.
+        self.breaker = breaker or CircuitBreaker()
         self._id_pattern = re.compile(policy.individual_id_pattern)
         self.factors = Factors(
             AuthContext(
@@ -301,21 +316,57 @@ class KeyBinderService:
             return individual_event(trail.id_hmac, now, trail.partner_id, trail.action, outcome, reason, subject)
         return partner_event(now, trail.partner_id, trail.action, outcome, reason)
 
+    def check_available(self, *, trial: bool = True) -> None:
+        """Refuse at once (UNAVAILABLE, retryable) while the database is known to be down (the breaker).
+
+        ``trial=False`` (the transport's check before queueing a request) never takes the breaker's trial:
+        the request's own service call does."""
+        if self.breaker.refusing() if not trial else not self.breaker.allow():
+            raise BackendUnavailableError("the database is unavailable; retry later")
+
+    def _guarded(self, work: Callable[[], T]) -> T:
+        """Run ``work`` behind the breaker (opened by the health probe); a request that gets through closes it."""
+        self.check_available()
+        result = work()
+        self.breaker.succeeded()
+        return result
+
     def _audited(self, trail: _Trail, work: Callable[[], T]) -> T:
         """Run one request; append the entry of any refusal or failure its transactions did not write."""
         try:
-            return work()
+            return self._guarded(work)
         except KeyBinderError as err:
             if not trail.recorded:
                 failed = isinstance(err, KeyBindingFailedError)
-                self._append_alone(self._event(trail, Outcome.ERROR if failed else Outcome.REFUSED, err.reason))
+                event = self._event(trail, Outcome.ERROR if failed else Outcome.REFUSED, err.reason)
+                if isinstance(err.__cause__, StoreUnavailable):
+                    # This request just found the database unreachable: another bounded wait for it would
+                    # only push the answer past the caller's deadline. Say what is lost instead.
+                    self._lost(event, "database unavailable")
+                else:
+                    self._append_alone(event)
             raise
         except Exception:
             if not trail.recorded:
                 self._append_alone(self._event(trail, Outcome.ERROR, KeyBindingFailedError.reason))
             raise
 
+    @staticmethod
+    def _lost(event: AuditEvent, why: str) -> None:
+        log.error(
+            "audit entry lost (%s): action=%s outcome=%s reason=%s partner=%s",
+            why,
+            event.action,
+            event.outcome,
+            event.reason,
+            event.partner_id,
+        )
+
     def _append_alone(self, event: AuditEvent) -> None:
+        if self.breaker.is_open:
+            # Waiting for a database known to be down would only delay the refusal: say what is lost.
+            self._lost(event, "database unavailable")
+            return
         try:
             self.audit_log.append_audit(event)
         except Exception:
@@ -351,12 +402,14 @@ class KeyBinderService:
         )
         if wait:
             raise TooManyAttemptsError(
-                "this partner has requested too many OTPs; retry later", retry_after_seconds=wait
+                "this partner has requested too many OTPs; retry later",
+                retry_after_seconds=wait,
+                limit="partner_otp_sends",
             )
         id_hmac = trail.id_hmac = self.resolve(individual_id)
         identity = self.identities.get_identity(id_hmac)
         if identity is None:
-            raise SendOtpFailedError("cannot send an OTP to this individual")
+            raise SendOtpFailedError(SEND_OTP_REFUSED)
         targets = self._targets(identity, wanted)
 
         now = self.clock.now()
@@ -379,7 +432,9 @@ class KeyBinderService:
             )
         except RateLimited as err:
             raise TooManyAttemptsError(
-                "too many OTPs were sent to this individual; retry later", retry_after_seconds=err.retry_after_seconds
+                "too many OTPs were sent to this individual; retry later",
+                retry_after_seconds=err.retry_after_seconds,
+                limit="individual_otp_sends",
             ) from err
         try:
             for channel, address in targets:
@@ -419,7 +474,7 @@ class KeyBinderService:
         for channel in wanted:
             address = identity.email if channel is OtpChannel.EMAIL else identity.phone
             if not address:
-                raise SendOtpFailedError(f"the individual has no registered {channel.value} contact")
+                raise SendOtpFailedError(SEND_OTP_REFUSED)
             targets.append((channel, address))
         return targets
 
@@ -467,10 +522,40 @@ class KeyBinderService:
         # The proof's shape and signature need no secret: check them before any attempt is counted.
         pop_nonce = self._proof_nonce(proof_of_possession, wallet.public_key, partner_id)
 
+        deadline.check("verifying the challenges")
+        self._check_failure_budget(trail, partner_id)
         id_hmac = trail.id_hmac = self.resolve(individual_id)
-        identity, locked_until = self.limit_store.identity_and_lock(id_hmac)
-        self._check_lockout(locked_until)
-        consumed_otp = self._verify_counted(trail, identity, individual_id, id_hmac, partner_id, challenges)
+        consumed_otp, reservation = self._verify_counted(trail, individual_id, id_hmac, partner_id, challenges)
+        try:
+            return self._bind(
+                trail,
+                partner_id,
+                individual_id,
+                id_hmac,
+                wallet,
+                bind_auth_factor_type,
+                pop_nonce,
+                consumed_otp,
+                reservation,
+            )
+        except BaseException:
+            # Authenticated, but not bound (the commit, which gives the reservation back, did not happen).
+            self._release(id_hmac, reservation)
+            raise
+
+    def _bind(
+        self,
+        trail: _Trail,
+        partner_id: str,
+        individual_id: str,
+        id_hmac: bytes,
+        wallet: WalletKey,
+        bind_auth_factor_type: str,
+        pop_nonce: str | None,
+        consumed_otp: str | None,
+        reservation: Reservation,
+    ) -> KeyBindingResult:
+        """The binding, once every challenge has passed: certificate, key claim, one commit."""
         consumed_nonce = self._check_nonce(pop_nonce, id_hmac, partner_id, consumed_otp)
 
         psut = self._psut(id_hmac, partner_id)
@@ -503,6 +588,8 @@ class KeyBinderService:
             created_at=now,
             expires_at=cert.not_valid_after_utc,
         )
+        # A caller who has given up gets nothing written: no key claimed, no binding committed.
+        deadline.check("the binding transaction")
         try:
             # The key is claimed for this individual only now, when every challenge has passed (so nobody
             # can reserve a stranger's key) and just before the binding commits. It is its own transaction
@@ -515,6 +602,7 @@ class KeyBinderService:
                 now=now,
                 consume_nonce=consumed_nonce,
                 audit=self._event(trail, Outcome.SUCCESS, subject=psut_subject(psut)),
+                release=reservation,
             )
         except OtpAlreadyUsed as err:
             if consumed_nonce is not None and err.args and err.args[0] == consumed_nonce:
@@ -524,41 +612,91 @@ class KeyBinderService:
             raise DuplicatePublicKeyError("this public key is already bound to another individual") from err
         return KeyBindingResult(binding.certificate_pem, psut, binding.expires_at, thumbprint)
 
-    def _check_lockout(self, locked_until: datetime | None) -> None:
-        """Refuse before any challenge is looked at, so that even the right answer waits for the lockout."""
+    def _check_failure_budget(self, trail: _Trail, partner_id: str) -> None:
+        """Refuse before any challenge is looked at when the partner's (or everyone's) failure budget is spent:
+        a partner spraying common PINs over many IDs gets a few guesses a minute, not thousands."""
+        partner, everyone = self.limit_store.failure_budget(partner_id)
+        name_wait = budget_refusal(partner, everyone, self.clock.now(), self.policy.limits)
+        if name_wait is None:
+            return
+        name, wait = name_wait
+        # One entry in the partner's chain, naming the budget (the refusal is the partner's, not an individual's).
         now = self.clock.now()
-        if locked_until is not None and locked_until > now:
-            raise TooManyAttemptsError(
-                "too many failed attempts for this individual; retry later",
-                retry_after_seconds=seconds_until(locked_until, now),
+        self._append_alone(
+            AuditEvent(
+                partner_chain(partner_id),
+                now,
+                partner_id,
+                trail.action,
+                Outcome.REFUSED,
+                TooManyAttemptsError.reason,
+                f"limit:{name}",
             )
+        )
+        trail.recorded = True
+        raise TooManyAttemptsError(
+            "too many failed challenges from this partner; retry later", retry_after_seconds=wait, limit=name
+        )
 
     def _verify_counted(
         self,
         trail: _Trail,
-        identity: Identity | None,
         individual_id: str,
         id_hmac: bytes,
         partner_id: str,
         challenges: Sequence[Challenge],
-    ) -> str | None:
-        """``_verify``; a failure is counted towards the individual's lockout, with its audit entry."""
+    ) -> tuple[str | None, Reservation]:
+        """``_verify`` behind the individual's lockout, the check and the count one atomic step.
+
+        The attempt is counted as a failure before it is evaluated (a reservation, in one transaction with the
+        lockout check), so any number of concurrent requests in any number of processes get at most
+        ``auth_failures_before_lockout`` guesses evaluated. On success the caller gives the reservation back
+        (with the binding's own transaction, or `_release`). A lockout is refused before any challenge is
+        looked at, so even the right answer waits for it.
+        """
+        now = self.clock.now()
+        identity, reservation = self.limit_store.reserve_attempt(id_hmac, now, self.policy.limits)
+        if reservation.refused_until is not None:
+            raise TooManyAttemptsError(
+                "too many failed attempts for this individual; retry later",
+                retry_after_seconds=seconds_until(reservation.refused_until, now),
+                limit=LIMIT_LOCKOUT,
+            )
         try:
-            return self._verify(identity, individual_id, id_hmac, partner_id, challenges)
+            consumed = self._verify(identity, individual_id, id_hmac, partner_id, challenges)
         except AuthFailedError as err:
-            try:
-                self.limit_store.record_auth_failure(
-                    id_hmac,
-                    self.clock.now(),
-                    self.policy.limits,
-                    audit=self._event(trail, Outcome.REFUSED, err.reason),
-                    lockout_audit=self._event(trail, Outcome.LOCKED, TooManyAttemptsError.reason),
-                )
-                trail.recorded = True
-            except (BackendUnavailable, BackendFailure):
-                # The caller still learns that authentication failed; the lost count is logged, not hidden.
-                log.exception("a failed challenge could not be counted")
+            self._count_failure(trail, id_hmac, partner_id, reservation, err)
             raise
+        except BaseException:
+            self._release(id_hmac, reservation)  # nothing was decided: the attempt is not a failure
+            raise
+        return consumed, reservation
+
+    def _release(self, id_hmac: bytes, reservation: Reservation) -> None:
+        try:
+            self.limit_store.release_attempt(id_hmac, reservation)
+        except (BackendUnavailable, BackendFailure):
+            # The attempt stays counted as a failure: the safe side; it expires with its window.
+            log.exception("an attempt's reservation could not be released")
+
+    def _count_failure(
+        self, trail: _Trail, id_hmac: bytes, partner_id: str, reservation: Reservation, err: AuthFailedError
+    ) -> None:
+        """Record the failure (audit entry, lockout) and count it against the partner's and everyone's budget."""
+        try:
+            self.limit_store.record_auth_failure(
+                id_hmac,
+                self.clock.now(),
+                self.policy.limits,
+                audit=self._event(trail, Outcome.REFUSED, err.reason),
+                lockout_audit=self._event(trail, Outcome.LOCKED, TooManyAttemptsError.reason),
+                reservation=reservation,
+            )
+            trail.recorded = True
+            self.limit_store.count_failure_budget(partner_id, self.clock.now(), self.policy.limits)
+        except (BackendUnavailable, BackendFailure):
+            # The caller still learns that authentication failed; the lost count is logged, not hidden.
+            log.exception("a failed challenge could not be counted")
 
     def _verify(
         self,
@@ -707,10 +845,10 @@ class KeyBinderService:
         factor = self._factor(factor)
         if not REVOCATION_REASON_PATTERN.fullmatch(reason):
             raise InvalidRevocationReasonError("reason must be 1 to 200 printable characters")
+        self._check_failure_budget(trail, partner_id)
         id_hmac = trail.id_hmac = self.resolve(individual_id)
-        identity, locked_until = self.limit_store.identity_and_lock(id_hmac)
-        self._check_lockout(locked_until)
-        consumed_otp = self._verify_counted(trail, identity, individual_id, id_hmac, partner_id, challenges)
+        consumed_otp, reservation = self._verify_counted(trail, individual_id, id_hmac, partner_id, challenges)
+        self._release(id_hmac, reservation)  # revocations are rare: their own small transaction
         try:
             revoked = self.bindings.revoke_binding(
                 id_hmac,
@@ -727,9 +865,14 @@ class KeyBinderService:
             raise BindingNotFoundError("there is no active binding to revoke")
         return revoked
 
-    @backend_errors
     def get_binding(self, partner_id: str, *, psut: str, thumbprint: str, factor: str) -> tuple[Binding, BindingStatus]:
         """The binding and its status now; a partner sees only its own bindings."""
+        return self._guarded(lambda: self._get_binding(partner_id, psut=psut, thumbprint=thumbprint, factor=factor))
+
+    @backend_errors
+    def _get_binding(
+        self, partner_id: str, *, psut: str, thumbprint: str, factor: str
+    ) -> tuple[Binding, BindingStatus]:
         self.check_partner(partner_id)
         if bool(psut) == bool(thumbprint):
             raise InvalidArgumentError("give exactly one of partner_specific_user_token and thumbprint")
@@ -743,13 +886,37 @@ class KeyBinderService:
             raise BindingNotFoundError("no such binding for this partner")
         return binding, binding.status_at(self.clock.now())
 
-    @backend_errors
     def get_binding_nonce(self, partner_id: str, individual_id: str) -> tuple[str, datetime]:
+        return self._guarded(lambda: self._get_binding_nonce(partner_id, individual_id))
+
+    @backend_errors
+    def _get_binding_nonce(self, partner_id: str, individual_id: str) -> tuple[str, datetime]:
+        """A nonce for a proof of possession. Limited per partner (bounds a flood of random IDs) and per
+        individual; stored the same way whether the ID is registered or not (nothing to enumerate), and
+        purged by the sweep once expired."""
         self.check_partner(partner_id)
         self.check_individual_id(individual_id)
+        limits = self.policy.limits
+        now = self.clock.now()
+        wait = self.limit_store.count_partner_nonce(partner_id, now, limits.nonces_per_partner)
+        if wait:
+            raise TooManyAttemptsError(
+                "this partner has requested too many nonces; retry later",
+                retry_after_seconds=wait,
+                limit="partner_nonces",
+            )
         nonce = secrets.token_urlsafe(24)
-        expires = self.clock.now() + timedelta(seconds=self.policy.otp_ttl_seconds)
-        self.nonces.create_nonce(nonce, self.resolve(individual_id), partner_id, expires)
+        expires = now + timedelta(seconds=self.policy.otp_ttl_seconds)
+        try:
+            self.nonces.create_nonce(
+                nonce, self.resolve(individual_id), partner_id, expires, now=now, limit=limits.nonces_per_individual
+            )
+        except RateLimited as err:
+            raise TooManyAttemptsError(
+                "too many nonces were requested for this individual; retry later",
+                retry_after_seconds=err.retry_after_seconds,
+                limit="individual_nonces",
+            ) from err
         return nonce, expires
 
     # -- GetIssuerCertificates ------------------------------------------------------------

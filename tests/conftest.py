@@ -30,6 +30,7 @@ from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
 from server.grpc_api.demo import WalletPrivateKey, read_otp
 from server.partners import hash_api_key, new_api_key
+from server.pin_policy import pin_rule_broken
 from server.serve import Server
 from server.stores import Store, open_store
 from tests.hsm_backends import (
@@ -79,6 +80,10 @@ LOOSE_LIMITS: dict[str, Any] = {
     "otp_sends_per_individual": 1_000_000,
     "otp_sends_per_partner_per_minute": 10_000_000,
     "auth_failures_before_lockout": 1_000_000,
+    "auth_failures_per_partner_per_minute": 10_000_000,
+    "auth_failures_per_minute": 100_000_000,
+    "nonces_per_partner_per_minute": 10_000_000,
+    "nonces_per_individual": 1_000_000,
 }
 
 
@@ -244,13 +249,21 @@ class Person:
     pin: str
 
 
+def acceptable_pin() -> str:
+    """A random PIN that enrolment accepts (server.pin_policy refuses the guessable ones)."""
+    while True:
+        pin = f"{secrets.randbelow(10**6):06d}"
+        if pin_rule_broken(pin) is None:
+            return pin
+
+
 def new_person(kb: RunningServer) -> Person:
     """A newly registered individual with email, phone and a PIN."""
     p = Person(
         individual_id=f"{secrets.randbelow(10**12):012d}",
         email=f"user{secrets.token_hex(3)}@example.org",
         phone=f"+4915{secrets.randbelow(10**8):08d}",
-        pin=f"{secrets.randbelow(10**6):06d}",
+        pin=acceptable_pin(),
     )
     register_identity(
         kb.app.service, kb.app.store, individual_id=p.individual_id, email=p.email, phone=p.phone, name="T", pin=p.pin

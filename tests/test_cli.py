@@ -54,7 +54,7 @@ def make_data_dir(path: Path) -> Path:
     result = kb_cli("init", "--demo-partner", data_dir=path)
     assert result.returncode == 0, result.stderr
     identities = path.parent / "identities.json"
-    bob = {"individual_id": DEMO_ID, "email": "bob@example.net", "phone": "5550001234", "pin": "135790", "name": "B"}
+    bob = {"individual_id": DEMO_ID, "email": "bob@example.net", "phone": "5550001234", "pin": "590417", "name": "B"}
     identities.write_text(json.dumps([bob]))
     result = kb_cli("identities", "import", str(identities), data_dir=path)
     assert result.returncode == 0, result.stderr
@@ -107,7 +107,7 @@ def test_identity_import_stores_no_clear_id_or_pin(data_dir: Path) -> None:
     if wal.exists():
         raw += wal.read_bytes()
     assert DEMO_ID.encode() not in raw
-    assert b"135790" not in raw
+    assert b"590417" not in raw
     assert b"bob@example.net" in raw  # the contact is needed in clear to deliver OTPs
 
 

@@ -46,7 +46,7 @@ def pg_data_dir(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> Path:
     assert result.returncode == 0, result.stderr
     (path / "pg-wallet.key").write_text(result.stdout.split("api key ", 1)[1].split()[0])
     people = path / "people.json"
-    people.write_text(json.dumps([{"individual_id": DEMO_ID, "email": "p@example.org", "pin": "112233"}]))
+    people.write_text(json.dumps([{"individual_id": DEMO_ID, "email": "p@example.org", "pin": "815062"}]))
     result = kb_cli("identities", "import", str(people), "--config", str(path / "keybinder.toml"), data_dir=path)
     assert result.returncode == 0, result.stderr
     return path

@@ -61,7 +61,7 @@ from tests.test_cli import cli_env
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 DAY = timedelta(days=1)
 WINDOW = timedelta(days=60)
-PIN = "246810"
+PIN = "364158"
 
 
 # -- the lifecycle rules, on records alone -------------------------------------------------------

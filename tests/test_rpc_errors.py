@@ -30,6 +30,7 @@ from tests.conftest import (
     Person,
     RpcFailure,
     RunningServer,
+    acceptable_pin,
     bind_request,
     failure,
     id_hmac,
@@ -97,7 +98,7 @@ def register(kb: RunningServer, *, phone: bool | str = True, pin: bool = True) -
         individual_id=f"{secrets.randbelow(10**12):012d}",
         email=f"user{secrets.token_hex(3)}@example.org",
         phone=number,
-        pin=f"{secrets.randbelow(10**6):06d}" if pin else "",
+        pin=acceptable_pin() if pin else "",
     )
     register_identity(
         kb.app.service,

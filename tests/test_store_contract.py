@@ -6,6 +6,7 @@ import re
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -26,13 +27,14 @@ from server.audit import (
     GENESIS,
     AuditEvent,
     AuditRow,
+    SignedHead,
     admin_event,
     individual_event,
     partner_event,
     verify_chains,
 )
 from server.domain import Binding, BindingStatus, Identity, IssuerRecord, OtpRecord, Partner, PendingIssuer
-from server.limits import Limits, RateRule
+from server.limits import Limits, RateRule, Reservation, Window, budget_refusal
 from server.partners import hash_api_key
 from server.ports import (
     KeyOwnedByOther,
@@ -63,6 +65,7 @@ RACE_TIMEOUT_SECONDS = 30.0
 TABLES = (
     *("individuals", "otps", "bindings", "wallet_keys", "issuers", "wla_jtis", "binding_nonces"),
     *("individual_limits", "partner_limits", "audit_log", "partners", "kbi_answers", "individual_aliases"),
+    *("limit_windows", "audit_heads"),
 )
 
 
@@ -912,6 +915,222 @@ def test_audit_event_fields_are_all_hashed() -> None:
     assert replace(event, partner_id="pa", action="").payload() != replace(event, partner_id="p", action="a").payload()
 
 
+# -- issue 13: reservations, failure budgets, nonce limits, the sweep, signed heads, bulk import -----------
+
+BUDGET = replace(
+    LIMITS,
+    auth_failures_per_partner=RateRule(3, 60),
+    auth_failures_global=RateRule(5, 60),
+    nonces_per_individual=RateRule(2, 600),
+)
+
+
+def reserve(store: Store, id_hmac: bytes, at: datetime = T0) -> Reservation:
+    return store.reserve_attempt(id_hmac, at, LIMITS)[1]
+
+
+@contract
+def test_reservations_count_before_evaluation_and_successes_give_them_back(store: Store) -> None:
+    known = new_id()
+    identity = Identity(known, "a@example.org", None, "A", b"pin")
+    store.upsert_identity(identity)
+    assert store.reserve_attempt(known, T0, LIMITS) == (identity, Reservation(window_start=T0))
+    held = [reserve(store, known), reserve(store, known)]  # three of three taken, none evaluated yet
+    assert reserve(store, known) == Reservation(refused_until=T0 + timedelta(seconds=900))
+    store.release_attempt(known, held[0])  # a success: its attempt is free again
+    fourth = reserve(store, known)
+    assert fourth.window_start == T0
+    # The failure that finds the window full locks out (once), counted already by its reservation.
+    at = T0 + timedelta(seconds=1)
+    state = store.record_auth_failure(
+        known,
+        at,
+        LIMITS,
+        audit=individual_event(known, at, PARTNER, "do_key_binding", "refused", "auth_failed"),
+        lockout_audit=individual_event(known, at, PARTNER, "do_key_binding", "locked", "too_many_attempts"),
+        reservation=fourth,
+    )
+    assert state.locked_until == at + timedelta(seconds=300)
+    assert reserve(store, known, at) == Reservation(refused_until=at + timedelta(seconds=300))
+    assert store.identity_and_lock(known) == (identity, at + timedelta(seconds=300))
+
+
+@contract
+def test_failure_budgets_per_partner_and_for_everyone(store: Store) -> None:
+    assert store.failure_budget(PARTNER) == (Window(), Window())
+    for n in range(3):
+        store.count_failure_budget(PARTNER, T0 + timedelta(seconds=n), BUDGET)
+    store.count_failure_budget(OTHER_PARTNER, T0 + timedelta(seconds=3), BUDGET)
+    partner, everyone = store.failure_budget(PARTNER)
+    assert (partner, everyone) == (Window(T0, 3), Window(T0, 4))
+    assert_utc(partner.start)
+    assert store.failure_budget(OTHER_PARTNER) == (Window(T0 + timedelta(seconds=3), 1), Window(T0, 4))
+    now = T0 + timedelta(seconds=10)
+    assert budget_refusal(partner, everyone, now, BUDGET) == ("partner_auth_failures", 50)
+    other, _ = store.failure_budget(OTHER_PARTNER)
+    assert budget_refusal(other, everyone, now, BUDGET) is None
+    store.count_failure_budget(OTHER_PARTNER, now, BUDGET)
+    other, everyone = store.failure_budget(OTHER_PARTNER)
+    assert budget_refusal(other, everyone, now, BUDGET) == ("global_auth_failures", 50)
+    assert budget_refusal(*store.failure_budget(PARTNER), T0 + timedelta(seconds=60), BUDGET) is None
+
+
+@contract
+def test_nonce_limits_per_partner_and_per_individual(store: Store) -> None:
+    rule = RateRule(2, 60)
+    assert [store.count_partner_nonce(PARTNER, T0 + timedelta(seconds=n), rule) for n in range(3)] == [0, 0, 58]
+    id_hmac = new_id()
+    exp = T0 + timedelta(minutes=3)
+    store.create_nonce("n1", id_hmac, PARTNER, exp, now=T0, limit=BUDGET.nonces_per_individual)
+    store.create_nonce("n2", id_hmac, OTHER_PARTNER, exp, now=T0, limit=BUDGET.nonces_per_individual)
+    with pytest.raises(RateLimited) as refused:
+        store.create_nonce(
+            "n3", id_hmac, PARTNER, exp, now=T0 + timedelta(seconds=1), limit=BUDGET.nonces_per_individual
+        )
+    assert refused.value.retry_after_seconds == 599
+    assert not store.nonce_usable("n3", id_hmac, PARTNER, T0)  # refused: nothing stored
+    assert store.nonce_usable("n1", id_hmac, PARTNER, T0)
+
+
+@contract
+def test_purge_expired_is_bounded_and_keeps_what_is_live(store: Store) -> None:
+    who = new_id()
+    for n in range(5):
+        store.create_nonce(f"old{n}", who, PARTNER, T0 + timedelta(seconds=n))
+        store.claim_jti(who, f"j{n}", T0 + timedelta(seconds=n), T0 - timedelta(minutes=1))
+    store.create_nonce("live", who, PARTNER, T0 + timedelta(hours=1))
+    old_otp = make_otp(new_id(), created_at=T0 - timedelta(hours=1))
+    store.replace_otp(old_otp)
+    live_otp = make_otp(new_id(), created_at=T0)
+    store.replace_otp(live_otp)
+    fail(store, new_id(), T0 - timedelta(days=2))  # a counter whose window ended long ago
+    store.count_failure_budget(PARTNER, T0 - timedelta(days=2), BUDGET)
+    store.count_partner_otp_send(PARTNER, T0 - timedelta(days=2), RateRule(3, 60))
+    now = T0 + timedelta(minutes=1)
+    assert store.purge_expired(now, LIMITS, 3) == {
+        "otps": 1,
+        "wla_jtis": 3,
+        "binding_nonces": 3,
+        "limit_windows": 2,
+        "partner_limits": 1,
+        "individual_limits": 1,
+    }
+    assert store.purge_expired(now, LIMITS, 3)["binding_nonces"] == 2
+    assert store.purge_expired(now, LIMITS, 3) == dict.fromkeys(
+        ("otps", "wla_jtis", "binding_nonces", "limit_windows", "partner_limits", "individual_limits"), 0
+    )
+    assert store.count_rows("binding_nonces") == 1
+    assert store.nonce_usable("live", who, PARTNER, now)
+    assert store.otp_state(live_otp.transaction_id) == ("pending", 0)
+    assert store.otp_state(old_otp.transaction_id) is None
+
+
+@contract
+def test_check_writable_writes_nothing(store: Store) -> None:
+    store.check_writable()
+    store.check_writable()
+    assert store.count_rows("limit_windows") == 0
+
+
+@contract
+def test_upsert_identities_in_one_transaction(store: Store) -> None:
+    a, b = new_id(), new_id()
+    store.upsert_identity(Identity(a, "old@example.org", None, "A", None))
+    batch = [Identity(a, "a@example.org", None, "A", b"p"), Identity(b, None, "+4915100000001", "B", None)]
+    assert store.upsert_identities(
+        batch, audit=lambda new, changed: admin_event(T0, "import", subject=f"{new}/{changed}")
+    ) == (1, 1)
+    assert [store.get_identity(x) for x in (a, b)] == batch
+    assert [(r.action, r.subject) for r in all_audit_rows(store)] == [("import", "1/1")]
+
+
+@contract
+def test_signed_heads_move_forward_only(store: Store) -> None:
+    alice, bob = new_id(), new_id()
+    for _ in range(3):
+        store.append_audit(individual_event(alice, T0, PARTNER, "do_key_binding", "refused", "auth_failed"))
+    store.append_audit(individual_event(bob, T0, PARTNER, "send_binding_otp", "success"))
+    heads, last = store.chain_heads_after(0, 100)
+    rows = all_audit_rows(store)
+    newest = {r.chain_key: (r.seq, r.hash) for r in rows}
+    assert sorted(heads) == sorted((k, seq, h) for k, (seq, h) in newest.items())
+    assert last == max(r.id for r in rows)
+    assert store.chain_heads_after(last, 100) == ([], last)
+    store.save_audit_heads([SignedHead(k, seq, h, T0, b"mac") for k, seq, h in heads])
+    older = next(r for r in rows if r.chain_key == alice and r.seq == 1)
+    store.save_audit_heads([SignedHead(alice, 1, older.hash, T0, b"old")])  # never moves a head back
+    saved = {h.chain_key: h for h in store.audit_heads()}
+    assert (saved[alice].seq, saved[alice].mac, saved[bob].seq) == (3, b"mac", 1)
+    assert_utc(saved[alice].signed_at)
+
+
+def test_parallel_reservations_never_evaluate_more_than_the_limit(store: Store) -> None:
+    """The lockout race (issue 13, item 4) at the store: 40 attempts at once, 3 allowed; one lockout entry."""
+    id_hmac = new_id()
+
+    def attempt(i: int) -> bool:
+        # Each request read the clock before it queued for the lock: their times are not in lock order.
+        _, reservation = store.reserve_attempt(id_hmac, T0 + timedelta(milliseconds=(i * 7919) % 40), LIMITS)
+        if reservation.refused_until is not None:
+            return False
+        time.sleep(0.01)  # the guess being evaluated
+        at = T0 + timedelta(milliseconds=i)
+        store.record_auth_failure(
+            id_hmac,
+            at,
+            LIMITS,
+            audit=individual_event(id_hmac, at, PARTNER, "do_key_binding", "refused", "auth_failed"),
+            lockout_audit=individual_event(id_hmac, at, PARTNER, "do_key_binding", "locked", "too_many_attempts"),
+            reservation=reservation,
+        )
+        return True
+
+    results = race(40, attempt)
+    assert [r for r in results if isinstance(r, Exception)] == []
+    assert results.count(True) == LIMITS.auth_failures.limit
+    outcomes = [r.outcome for r in all_audit_rows(store)]
+    assert (outcomes.count("refused"), outcomes.count("locked")) == (3, 1)
+
+
+def test_tables_stay_bounded_under_nonce_and_otp_churn(store: Store) -> None:
+    """Nonce flood (item 7): rows keep coming, each expiring after a minute; a sweep every 'minute' of 200 rows
+    per table keeps every table near one minute's worth, whatever the total."""
+    per_minute = 150
+    sizes = []
+    for minute in range(8):
+        base = T0 + timedelta(minutes=minute)
+        for n in range(per_minute):
+            who = new_id()
+            at = base + timedelta(seconds=n * 60 / per_minute)
+            store.create_nonce(
+                secrets.token_urlsafe(12),
+                who,
+                PARTNER,
+                at + timedelta(minutes=1),
+                now=at,
+                limit=LIMITS.nonces_per_individual,
+            )
+            store.replace_otp(make_otp(who, created_at=at, ttl=timedelta(minutes=1)))
+            store.claim_jti(who, "j", at + timedelta(minutes=1), at)
+        store.purge_expired(
+            base + timedelta(minutes=1),
+            replace(
+                LIMITS,
+                otp_sends_per_individual=RateRule(2, 60),
+                auth_failures=RateRule(3, 60),
+                lockout_seconds=60,
+                auth_failures_per_partner=RateRule(3, 60),
+                auth_failures_global=RateRule(3, 60),
+                nonces_per_partner=RateRule(3, 60),
+                nonces_per_individual=RateRule(3, 60),
+            ),
+            200,
+        )
+        sizes.append(tuple(store.count_rows(t) for t in ("binding_nonces", "otps", "wla_jtis", "individual_limits")))
+    assert all(n <= per_minute + 1 for size in sizes for n in size), sizes
+    assert sizes[-1][0] > 0  # live rows stay
+
+
 # -- races (real threads) -------------------------------------------------------------------------
 
 
@@ -1117,6 +1336,11 @@ NOT_SHARD_KEYED = {
     pg.SQL_LATEST_BINDING_BY_PSUT: "lookup by PSUT: the PSUT does not reveal the id_hmac",
     pg.SQL_AUDIT_PAGE: "admin: `audit verify` and `audit export` walk every chain",
     pg.SQL_RESOLVE_INDIVIDUAL: "alias resolution: individuals by id_hmac, individual_aliases by alias_hmac",
+    pg.SQL_AUDIT_AFTER: "the sweep signs chain heads by entry id, across every chain",
+    pg.SQL_PURGE_EXPIRED_OTPS: "the sweep: expired rows of every individual",
+    pg.SQL_PURGE_EXPIRED_JTIS: "the sweep: expired rows of every individual",
+    pg.SQL_PURGE_EXPIRED_NONCES: "the sweep: expired rows of every individual",
+    pg.SQL_PURGE_INDIVIDUAL_LIMITS: "the sweep: ended windows of every individual",
     **dict.fromkeys(pg.COUNT_SQL.values(), "admin row count"),
 }
 
@@ -1290,6 +1514,8 @@ def test_pg_each_write_transaction_stays_on_one_individuals_shard(pg_url: str, m
         tables = set().union(*(tables_of(q) for q, _ in statements)) - {""}
         if any(q.startswith("truncate") for q, _ in statements):
             continue
+        if any(isinstance(p, dict) and p.get("key") == ADMIN_CHAIN for _, p in statements):
+            continue  # an admin action (`identities import`: one transaction for the whole file), not a request
         if tables & PER_INDIVIDUAL_TABLES:
             assert tables <= PER_INDIVIDUAL_TABLES | PER_CHAIN_TABLES, f"a transaction mixes shards: {sorted(tables)}"
             keys = {bytes(v) for q, params in statements for v in id_hmac_params(q, params)}

@@ -48,6 +48,7 @@ class Rpc:
         "_token",
         "cause",
         "code",
+        "limit",
         "method",
         "partner",
         "reason",
@@ -70,6 +71,8 @@ class Rpc:
         self.code: str | None = None
         self.reason: str | None = None
         self.cause: str | None = None
+        #: The limit that refused (too_many_attempts), for the refusals metric.
+        self.limit: str | None = None
         self._token: Token[RequestContext | None] | None = None
         self._done = False
 
@@ -82,6 +85,7 @@ class Rpc:
         """A domain error: the caller gets its status and reason."""
         self.code = err.status.value
         self.reason = err.reason
+        self.limit = err.metadata.get("limit")
         cause = err.__cause__
         if cause is not None:
             self.cause = f"{type(cause).__name__}: {cause}"
@@ -128,6 +132,8 @@ class Rpc:
         recorder = metrics.recorder()
         if recorder is not None:
             recorder.rpc(self.method, code, label, seconds)
+            if self.limit is not None:
+                recorder.limit_refused(self.limit)
         fields: dict[str, Any] = {
             "outcome": outcome,
             "reason": self.reason,

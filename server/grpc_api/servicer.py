@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from server import deadline
 from server.domain import Partner
 from server.errors import InvalidPartnerError, KeyBinderError
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
@@ -78,6 +79,8 @@ def authenticated(method: Method[Req, Resp]) -> Handler[Req, Resp]:
         self.in_flight.running += 1
         self.in_flight.last_started = time.monotonic()
         with Rpc(name, context) as rpc:
+            # The caller's deadline reaches the service layer as a plain context variable (server.deadline).
+            token = deadline.start(context.time_remaining())
             try:
                 partner = await self.authenticate(context)
                 return await method(self, request, partner)
@@ -94,6 +97,7 @@ def authenticated(method: Method[Req, Resp]) -> Handler[Req, Resp]:
                 await context.abort_with_status(rpc.status(internal_status()))
             finally:
                 self.in_flight.running -= 1
+                deadline.reset(token)
         raise AssertionError("unreachable")  # abort_with_status always raises
 
     return wrapper
@@ -123,6 +127,9 @@ class KeyBinderServicer(pb_grpc.KeyBinderServiceServicer):
         # Service calls block on the HSM and the database: on a thread pool they overlap those waits;
         # without one (executor None) they run right here, which costs the least CPU when every wait
         # is short (SQLite, an in-process HSM).
+        # While the database is known down, answer at once, here on the loop: no queueing behind RPC threads
+        # that are waiting for it.
+        self.service.check_available(trial=False)
         executor = executor or self.executor
         if executor is None:
             return fn()

@@ -20,6 +20,7 @@ _CODES: dict[Status, int] = {
     Status.UNAVAILABLE: code_pb2.UNAVAILABLE,
     Status.INTERNAL: code_pb2.INTERNAL,
     Status.NOT_FOUND: code_pb2.NOT_FOUND,
+    Status.DEADLINE_EXCEEDED: code_pb2.DEADLINE_EXCEEDED,
 }
 
 

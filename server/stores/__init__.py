@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
-from server.aliases import AliasStore
-from server.domain import Binding
+from server.aliases import Alias, AliasStore
+from server.audit import AuditEvent, SignedHead
+from server.domain import Binding, Identity
+from server.limits import Limits
 from server.ports import (
     AuditLog,
     BindingStore,
@@ -39,6 +42,32 @@ class Store(
     """Everything one backend module provides: every port, plus what operators and tests need."""
 
     def ping(self) -> None: ...
+
+    def check_writable(self) -> None:
+        """A write that is rolled back (the health probe): StoreUnavailable when the database takes none."""
+        ...
+
+    def upsert_identities(
+        self,
+        identities: Sequence[Identity],
+        *,
+        kbi: Sequence[Mapping[str, bytes] | None] = (),
+        aliases: Sequence[Alias] = (),
+        audit: Callable[[int, int], AuditEvent] | None = None,
+    ) -> tuple[int, int]:
+        """Every identity (with its KBI answers) and alias in one transaction, with the entry
+        ``audit(new, updated)``: all or nothing (AliasConflict for an alias that is not free)."""
+        ...
+
+    def purge_expired(self, now: datetime, limits: Limits, batch: int) -> dict[str, int]:
+        """Delete up to ``batch`` expired rows per table (nonces, OTPs, replay entries, limit windows)."""
+        ...
+
+    def chain_heads_after(self, row_id: int, limit: int) -> tuple[list[tuple[bytes, int, bytes]], int]: ...
+
+    def save_audit_heads(self, heads: Sequence[SignedHead]) -> None: ...
+
+    def audit_heads(self) -> Sequence[SignedHead]: ...
 
     def close(self) -> None: ...
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import secrets
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -18,18 +19,34 @@ from psycopg_pool import ConnectionPool
 from yoyo import get_backend, read_migrations
 
 from server.aliases import Alias, AliasConflict
-from server.audit import GENESIS, AuditEvent, AuditRow
+from server.audit import GENESIS, AuditEvent, AuditRow, SignedHead
 from server.domain import Binding, BindingStatus, Identity, IssuerRecord, OtpRecord, Partner, PendingIssuer
-from server.limits import FailureState, Limits, RateRule, Window, after_failure, seconds_until
+from server.limits import (
+    GLOBAL_KEY,
+    SCOPE_AUTH_FAILURES,
+    SCOPE_NONCES,
+    FailureState,
+    Limits,
+    RateRule,
+    Reservation,
+    Window,
+    after_failure,
+    after_reserved_failure,
+    release,
+    reserve,
+    seconds_until,
+)
 from server.ports import KeyOwnedByOther, OtpAlreadyUsed, PartnerCertificateInUse, RateLimited, StoreUnavailable
 
 T = TypeVar("T")
 Conn = psycopg.Connection[TupleRow]
 Cur = psycopg.Cursor[TupleRow]
 
-#: How long a request waits for a pooled connection, and a new connection for the server.
-POOL_TIMEOUT_SECONDS: Final = 5.0
-CONNECT_TIMEOUT_SECONDS: Final = 5
+#: How long a request waits for a pooled connection, and a new connection for the server: well below a
+#: client's usual deadline (a few seconds), so a database outage is answered UNAVAILABLE, retryable, rather
+#: than DEADLINE_EXCEEDED; the circuit breaker (server/breaker.py) then answers at once until it is back.
+POOL_TIMEOUT_SECONDS: Final = 2.0
+CONNECT_TIMEOUT_SECONDS: Final = 2
 #: How long the pool keeps retrying (with doubling waits: 1, 2, 4, 8 s…) to replace a connection it lost.
 #: Short, so that after a failover a retry is never many seconds away: a chain that gives up leaves the
 #: pool short of a connection, and the next request that has to wait starts a fresh attempt at once.
@@ -37,7 +54,7 @@ CONNECT_TIMEOUT_SECONDS: Final = 5
 #: ~9 s promotion: the attempts fell at 0, 1, 3, 7 and 15 s.)
 RECONNECT_TIMEOUT_SECONDS: Final = 5.0
 #: Like SQLite's busy timeout: a lock wait (row or advisory) longer than this fails as retryable.
-LOCK_TIMEOUT_MS: Final = 5_000
+LOCK_TIMEOUT_MS: Final = 2_000
 #: Bounds a runaway statement; the admin row counts are the only scans and fit well within it.
 STATEMENT_TIMEOUT_MS: Final = 30_000
 #: First key of KeyBinder's two-key advisory locks ("KB"), so they are recognisable in pg_locks.
@@ -46,6 +63,7 @@ LOCK_NAMESPACE: Final = 0x4B42
 TABLES: Final = (
     *("individuals", "otps", "bindings", "wallet_keys", "issuers", "wla_jtis", "binding_nonces"),
     *("individual_limits", "partner_limits", "audit_log", "partners", "kbi_answers", "individual_aliases"),
+    *("limit_windows", "audit_heads"),
 )
 
 # -- SQL ------------------------------------------------------------------------------------
@@ -123,7 +141,7 @@ SQL_CLAIM_KEY: Final = (
 SQL_COMMIT_BINDING: Final = (
     "SELECT kb_commit_binding(%s::bytea, %s::text, %s::text, %s::text, %s::text, %s::text, %s::text, %s::text,"
     " %s::text, %s::timestamptz, %s::timestamptz, %s::timestamptz, %s::integer, %s::integer, %s::text, %s::text,"
-    " %s::timestamptz, %s::text, %s::text, %s::text, %s::text, %s::text, %s::bytea, %s::bytea)"
+    " %s::timestamptz, %s::text, %s::text, %s::text, %s::text, %s::text, %s::bytea, %s::bytea, %s::timestamptz)"
 )
 #: SQLSTATEs kb_commit_binding raises when the OTP or the nonce it should consume was spent already.
 SQLSTATE_OTP_USED: Final = "KB001"
@@ -238,6 +256,72 @@ SQL_APPEND_AUDIT: Final = (
     " AS seq, coalesce((SELECT hash FROM audit_log WHERE chain_key = %(key)s ORDER BY seq DESC LIMIT 1),"
     " %(genesis)s) AS hash) AS h"
 )
+# Failure budgets and the partner's nonce count: limit_windows is distributed by key (a partner id or '*').
+# Each statement is its own transaction, never joined with an individual's rows. Parameters: scope, key,
+# now, expired (= now - window), now, expired, now, limit.
+SQL_COUNT_WINDOW: Final = (
+    "INSERT INTO limit_windows AS l (scope, key, window_start, count) VALUES (%s, %s, %s, 1)"
+    " ON CONFLICT (scope, key) DO UPDATE SET"
+    " window_start = CASE WHEN l.window_start <= %s OR l.window_start > %s THEN excluded.window_start"
+    " ELSE l.window_start END,"
+    " count = CASE WHEN l.window_start <= %s OR l.window_start > %s THEN 1"
+    " WHEN l.count <= %s THEN l.count + 1 ELSE l.count END"
+    " RETURNING window_start, count"
+)
+SQL_FAILURE_BUDGET: Final = "SELECT key, window_start, count FROM limit_windows WHERE scope = %s AND key IN (%s, %s)"
+# In the nonce's transaction, under the individual's lock (the same window rule as OTP sends).
+SQL_COUNT_INDIVIDUAL_NONCE: Final = (
+    "INSERT INTO individual_limits AS l (id_hmac, nonce_window_start, nonces) VALUES (%s, %s, 1)"  # noqa: S608 (fixed names)
+    + _COUNT_SEND.replace("otp_window_start", "nonce_window_start").replace("otp_sends", "nonces").format(key="id_hmac")
+)
+SQL_RESERVE_IDENTITY: Final = SQL_GET_IDENTITY
+# The reservation's commit does not wait for the WAL flush: lost to a crash of the database, it belongs to an
+# attempt that was never answered (the failure, or the binding that gives it back, is committed durably).
+SQL_RESERVE_NOT_DURABLE: Final = "SET LOCAL synchronous_commit TO off"
+# The sweep (server/sweeper.py): expired rows, oldest first, a bounded batch per statement. They name no
+# id_hmac: on a distributed database each fans out to every shard (maintenance, off the request path).
+# SKIP LOCKED: rows a request is using right now are left for the next run.
+SQL_PURGE_EXPIRED_OTPS: Final = (
+    "DELETE FROM otps WHERE ctid IN (SELECT ctid FROM otps WHERE expires_at <= %s ORDER BY expires_at LIMIT %s"
+    " FOR UPDATE SKIP LOCKED)"
+)
+SQL_PURGE_EXPIRED_JTIS: Final = (
+    "DELETE FROM wla_jtis WHERE ctid IN (SELECT ctid FROM wla_jtis WHERE expires_at <= %s ORDER BY expires_at"
+    " LIMIT %s FOR UPDATE SKIP LOCKED)"
+)
+SQL_PURGE_EXPIRED_NONCES: Final = (
+    "DELETE FROM binding_nonces WHERE ctid IN (SELECT ctid FROM binding_nonces WHERE expires_at <= %s"
+    " ORDER BY expires_at LIMIT %s FOR UPDATE SKIP LOCKED)"
+)
+SQL_PURGE_WINDOWS: Final = (
+    "DELETE FROM limit_windows WHERE ctid IN (SELECT ctid FROM limit_windows WHERE window_start <= %s"
+    " ORDER BY window_start LIMIT %s FOR UPDATE SKIP LOCKED)"
+)
+SQL_PURGE_PARTNER_LIMITS: Final = (
+    "DELETE FROM partner_limits WHERE ctid IN (SELECT ctid FROM partner_limits WHERE otp_window_start <= %s"
+    " LIMIT %s FOR UPDATE SKIP LOCKED)"
+)
+# An individual's counters can go once every window has ended and no lockout runs: a fresh row is the same.
+SQL_PURGE_INDIVIDUAL_LIMITS: Final = (
+    "DELETE FROM individual_limits WHERE ctid IN (SELECT ctid FROM individual_limits"
+    " WHERE coalesce(locked_until, '-infinity') <= %(now)s AND coalesce(otp_window_start, '-infinity') <= %(cut)s"
+    " AND coalesce(fail_window_start, '-infinity') <= %(cut)s AND coalesce(nonce_window_start, '-infinity') <= %(cut)s"
+    " LIMIT %(n)s FOR UPDATE SKIP LOCKED)"
+)
+# The health probe's write, rolled back: shows that the database takes writes (not full, not read-only).
+SQL_PROBE_WRITE: Final = (
+    "INSERT INTO limit_windows (scope, key, window_start, count) VALUES ('health', %s, %s, 0)"
+    " ON CONFLICT (scope, key) DO NOTHING"
+)
+# Signed audit chain heads (admin and the sweep): by entry id, i.e. across every chain, so they fan out.
+SQL_AUDIT_AFTER: Final = "SELECT id, chain_key, seq, hash FROM audit_log WHERE id > %s ORDER BY id LIMIT %s"
+SQL_SAVE_AUDIT_HEAD: Final = (
+    "INSERT INTO audit_heads (chain_key, seq, hash, signed_at, mac) VALUES (%s, %s, %s, %s, %s)"
+    " ON CONFLICT (chain_key) DO UPDATE SET seq = excluded.seq, hash = excluded.hash,"
+    " signed_at = excluded.signed_at, mac = excluded.mac WHERE excluded.seq >= audit_heads.seq"
+)
+SQL_AUDIT_HEADS: Final = "SELECT chain_key, seq, hash, signed_at, mac FROM audit_heads ORDER BY chain_key"
+
 # Admin only (`keybinder audit verify/export`): walks every chain in pages, so it fans out to every shard.
 SQL_AUDIT_PAGE: Final = (
     "SELECT id, chain_key, seq, at, partner_id, action, outcome, reason, subject, prev_hash, hash"
@@ -478,6 +562,16 @@ class PostgresStore:
     def ping(self) -> None:
         self._read(SQL_PING, ())
 
+    def check_writable(self) -> None:
+        """The health probe's write: one row written and rolled back (StoreUnavailable when writes fail)."""
+
+        def work(cur: Cur) -> None:
+            cur.execute(SQL_PROBE_WRITE, (secrets.token_hex(8), datetime.now(UTC)))
+            raise _RollBack
+
+        with contextlib.suppress(_RollBack):
+            self._run(work, write=True, retry_conflict=False)
+
     def close(self) -> None:
         with self._guard:
             pool, self._pool = self._pool, None
@@ -503,6 +597,45 @@ class PostgresStore:
             return new
 
         return self._run(work, write=True)
+
+    def upsert_identities(
+        self,
+        identities: Sequence[Identity],
+        *,
+        kbi: Sequence[Mapping[str, bytes] | None] = (),
+        aliases: Sequence[Alias] = (),
+        audit: Callable[[int, int], AuditEvent] | None = None,
+    ) -> tuple[int, int]:
+        """Insert or replace every identity, its KBI answers and ``aliases`` in one transaction (all or
+        nothing); (new, updated). An alias another individual holds, or a revoked one, raises AliasConflict.
+
+        An admin import, not the request path: on a distributed database this one transaction spans shards."""
+        now = datetime.now(UTC)
+
+        def work(cur: Cur) -> int:
+            added = 0
+            for index, i in enumerate(identities):
+                cur.execute(SQL_INSERT_IDENTITY, (i.id_hmac, i.email, i.phone, i.name, i.pin_hmac, now, now))
+                if cur.rowcount == 1:
+                    added += 1
+                else:
+                    cur.execute(SQL_UPDATE_IDENTITY, (i.email, i.phone, i.name, i.pin_hmac, now, i.id_hmac))
+                answers = kbi[index] if index < len(kbi) else None
+                cur.execute(SQL_DELETE_KBI, (i.id_hmac,))
+                for field_id, mac in (answers or {}).items():
+                    cur.execute(SQL_INSERT_KBI, (i.id_hmac, field_id, mac))
+            for a in aliases:
+                cur.execute(SQL_UPSERT_ALIAS, (a.alias_hmac, a.id_hmac, a.alias_type, a.created_at, a.expires_at))
+                if cur.fetchone() is None:
+                    raise AliasConflict("an alias is registered to another individual or was revoked")
+            if audit is not None:
+                event = audit(added, len(identities) - added)
+                cur.execute(SQL_LOCK_INDIVIDUAL, (AUDIT_LOCK_NAMESPACE, _chain_lock_key(event.chain_key)))
+                self._append_audit(cur, event)
+            return added
+
+        added = self._run(work, write=True)
+        return added, len(identities) - added
 
     def get_identity(self, id_hmac: bytes) -> Identity | None:
         rows = self._read(SQL_GET_IDENTITY, (id_hmac,))
@@ -618,6 +751,7 @@ class PostgresStore:
         now: datetime,
         consume_nonce: str | None = None,
         audit: AuditEvent | None = None,
+        release: Reservation | None = None,
     ) -> None:
         b = binding
         if audit is not None and audit.chain_key != b.id_hmac:
@@ -633,6 +767,8 @@ class PostgresStore:
             ),
             audit.payload() if audit is not None else None,
             GENESIS,
+            # In the binding's own transaction: a success costs no extra one (server.limits.release).
+            _utc(release.window_start) if release is not None and release.window_start is not None else None,
         )
 
         def work(cur: Cur) -> None:
@@ -709,8 +845,23 @@ class PostgresStore:
 
         return self._run(work, write=True)
 
-    def create_nonce(self, nonce: str, id_hmac: bytes, partner_id: str, expires_at: datetime) -> None:
+    def create_nonce(
+        self,
+        nonce: str,
+        id_hmac: bytes,
+        partner_id: str,
+        expires_at: datetime,
+        *,
+        now: datetime | None = None,
+        limit: RateRule | None = None,
+    ) -> None:
         def work(cur: Cur) -> None:
+            if limit is not None and now is not None:
+                self._lock_individual(cur, id_hmac)
+                cur.execute(SQL_COUNT_INDIVIDUAL_NONCE, (id_hmac, _utc(now), *_window_params(now, limit)))
+                wait = _refused_for(cur.fetchone(), now, limit)
+                if wait:
+                    raise RateLimited(wait)  # rolls the count back: nothing is written
             cur.execute(SQL_CREATE_NONCE, (nonce, id_hmac, partner_id, _utc(expires_at)))
 
         # A duplicate nonce is the caller's error (as SQLite's IntegrityError), not a race to retry.
@@ -786,27 +937,161 @@ class PostgresStore:
         if wait:
             raise RateLimited(wait)  # rolls the count back with the rest of the transaction
 
+    @staticmethod
+    def _failure_state(cur: Cur, id_hmac: bytes) -> FailureState:
+        cur.execute(SQL_FAILURE_STATE, (id_hmac,))
+        row = cur.fetchone()
+        return FailureState(Window(_opt_utc(row[0]), row[1]), _opt_utc(row[2])) if row is not None else FailureState()
+
+    @staticmethod
+    def _save_failure_state(cur: Cur, id_hmac: bytes, new: FailureState) -> None:
+        cur.execute(SQL_SAVE_FAILURE_STATE, (id_hmac, new.window.start, new.window.count, new.locked_until))
+
+    def reserve_attempt(self, id_hmac: bytes, now: datetime, limits: Limits) -> tuple[Identity | None, Reservation]:
+        def work(cur: Cur) -> tuple[TupleRow | None, Reservation]:
+            # The individual's lock makes the check and the count one step for every replica.
+            cur.execute(SQL_RESERVE_NOT_DURABLE)
+            self._lock_individual(cur, id_hmac)
+            cur.execute(SQL_RESERVE_IDENTITY, (id_hmac,))
+            found = cur.fetchone()
+            state = self._failure_state(cur, id_hmac)
+            new, reservation = reserve(state, now, limits)
+            if new != state:
+                self._save_failure_state(cur, id_hmac, new)
+            return found, reservation
+
+        found, reservation = self._run(work, write=True)
+        identity = Identity(id_hmac, found[0], found[1], found[2], found[3]) if found is not None else None
+        return identity, reservation
+
+    def release_attempt(self, id_hmac: bytes, reservation: Reservation) -> None:
+        if reservation.window_start is None:
+            return
+
+        def work(cur: Cur) -> None:
+            self._lock_individual(cur, id_hmac)
+            self._release(cur, id_hmac, reservation)
+
+        self._run(work, write=True)
+
+    @classmethod
+    def _release(cls, cur: Cur, id_hmac: bytes, reservation: Reservation) -> None:
+        if reservation.window_start is None:
+            return
+        state = cls._failure_state(cur, id_hmac)
+        new = release(state, reservation)
+        if new != state:
+            cls._save_failure_state(cur, id_hmac, new)
+
     def record_auth_failure(
-        self, id_hmac: bytes, now: datetime, limits: Limits, *, audit: AuditEvent, lockout_audit: AuditEvent
+        self,
+        id_hmac: bytes,
+        now: datetime,
+        limits: Limits,
+        *,
+        audit: AuditEvent,
+        lockout_audit: AuditEvent,
+        reservation: Reservation | None = None,
     ) -> FailureState:
         def work(cur: Cur) -> FailureState:
             self._lock_individual(cur, id_hmac)
-            cur.execute(SQL_FAILURE_STATE, (id_hmac,))
-            row = cur.fetchone()
-            state = (
-                FailureState(Window(_opt_utc(row[0]), row[1]), _opt_utc(row[2])) if row is not None else FailureState()
+            state = self._failure_state(cur, id_hmac)
+            new = (
+                after_failure(state, now, limits)
+                if reservation is None
+                else after_reserved_failure(state, now, limits, reservation)
             )
-            new = after_failure(state, now, limits)
-            cur.execute(
-                SQL_SAVE_FAILURE_STATE,
-                (id_hmac, new.window.start, new.window.count, new.locked_until),
-            )
+            if new != state:
+                self._save_failure_state(cur, id_hmac, new)
             self._append_audit(cur, audit)
             if new.locked_until != state.locked_until:
                 self._append_audit(cur, lockout_audit)
             return new
 
         return self._run(work, write=True)
+
+    def failure_budget(self, partner_id: str) -> tuple[Window, Window]:
+        """The partner's and everyone's failed-challenge windows, as stored."""
+        rows = self._read(SQL_FAILURE_BUDGET, (SCOPE_AUTH_FAILURES, partner_id, GLOBAL_KEY))
+        windows = {key: Window(_utc(start), count) for key, start, count in rows}
+        return windows.get(partner_id, Window()), windows.get(GLOBAL_KEY, Window())
+
+    def count_failure_budget(self, partner_id: str, now: datetime, limits: Limits) -> None:
+        """Count one failed challenge against the partner's budget and everyone's (one statement each)."""
+        for key, rule in ((partner_id, limits.auth_failures_per_partner), (GLOBAL_KEY, limits.auth_failures_global)):
+
+            def work(cur: Cur, key: str = key, rule: RateRule = rule) -> None:
+                cur.execute(SQL_COUNT_WINDOW, (SCOPE_AUTH_FAILURES, key, _utc(now), *_window_params(now, rule)))
+
+            self._run(work, write=False)
+
+    def count_partner_nonce(self, partner_id: str, now: datetime, rule: RateRule) -> int:
+        def work(cur: Cur) -> TupleRow | None:
+            cur.execute(SQL_COUNT_WINDOW, (SCOPE_NONCES, partner_id, _utc(now), *_window_params(now, rule)))
+            return cur.fetchone()
+
+        return _refused_for(self._run(work, write=False), now, rule)
+
+    def purge_expired(self, now: datetime, limits: Limits, batch: int) -> dict[str, int]:
+        """Delete up to ``batch`` expired rows of each kind, oldest first, one statement each."""
+        longest = max(
+            r.window_seconds
+            for r in (
+                limits.otp_sends_per_individual,
+                limits.otp_sends_per_partner,
+                limits.auth_failures,
+                limits.auth_failures_per_partner,
+                limits.auth_failures_global,
+                limits.nonces_per_partner,
+                limits.nonces_per_individual,
+            )
+        )
+        cut = _utc(now - timedelta(seconds=longest))
+        done: dict[str, int] = {}
+        for table, sql, params in (
+            ("otps", SQL_PURGE_EXPIRED_OTPS, (_utc(now), batch)),
+            ("wla_jtis", SQL_PURGE_EXPIRED_JTIS, (_utc(now), batch)),
+            ("binding_nonces", SQL_PURGE_EXPIRED_NONCES, (_utc(now), batch)),
+            ("limit_windows", SQL_PURGE_WINDOWS, (cut, batch)),
+            ("partner_limits", SQL_PURGE_PARTNER_LIMITS, (cut, batch)),
+            ("individual_limits", SQL_PURGE_INDIVIDUAL_LIMITS, {"now": _utc(now), "cut": cut, "n": batch}),
+        ):
+
+            def work(cur: Cur, sql: str = sql, params: Any = params) -> int:
+                cur.execute(sql, params)
+                return cur.rowcount
+
+            done[table] = self._run(work, write=False)
+        return done
+
+    # -- signed audit chain heads (server/audit.py) ---------------------------------------
+
+    def chain_heads_after(self, row_id: int, limit: int) -> tuple[list[tuple[bytes, int, bytes]], int]:
+        """The newest (chain_key, seq, hash) of each chain among the ``limit`` entries after id ``row_id``, and
+        the highest id read."""
+        heads: dict[bytes, tuple[int, bytes]] = {}
+        last = row_id
+        for entry_id, chain_key, seq, hash_ in self._read(SQL_AUDIT_AFTER, (row_id, limit)):
+            key = bytes(chain_key)
+            if key not in heads or seq > heads[key][0]:
+                heads[key] = (seq, bytes(hash_))
+            last = max(last, entry_id)
+        return [(k, seq, h) for k, (seq, h) in heads.items()], last
+
+    def save_audit_heads(self, heads: Sequence[SignedHead]) -> None:
+        """Record signed heads; a head never moves back (an older signature never replaces a newer one)."""
+        for h in heads:
+
+            def work(cur: Cur, h: SignedHead = h) -> None:
+                cur.execute(SQL_SAVE_AUDIT_HEAD, (h.chain_key, h.seq, h.hash, _utc(h.signed_at), h.mac))
+
+            self._run(work, write=False)
+
+    def audit_heads(self) -> Sequence[SignedHead]:
+        return [
+            SignedHead(bytes(k), seq, bytes(h), _utc(at), bytes(mac))
+            for k, seq, h, at, mac in self._read(SQL_AUDIT_HEADS, ())
+        ]
 
     @staticmethod
     def _append_audit(cur: Cur, event: AuditEvent) -> None:
@@ -830,8 +1115,7 @@ class PostgresStore:
             if event.per_individual:
                 self._lock_individual(cur, event.chain_key)
             else:
-                key = int.from_bytes(hashlib.sha256(event.chain_key).digest()[:4], "big", signed=True)
-                cur.execute(SQL_LOCK_INDIVIDUAL, (AUDIT_LOCK_NAMESPACE, key))
+                cur.execute(SQL_LOCK_INDIVIDUAL, (AUDIT_LOCK_NAMESPACE, _chain_lock_key(event.chain_key)))
             self._append_audit(cur, event)
 
         self._run(work, write=True)
@@ -954,6 +1238,15 @@ class PostgresStore:
     def partner_psut(self, id_hmac: bytes, partner_id: str) -> str | None:
         rows = self._read(SQL_PARTNER_PSUT, (id_hmac, partner_id))
         return str(rows[0][0]) if rows else None
+
+
+def _chain_lock_key(chain_key: bytes) -> int:
+    """The advisory lock key of a partner or admin audit chain."""
+    return int.from_bytes(hashlib.sha256(chain_key).digest()[:4], "big", signed=True)
+
+
+class _RollBack(Exception):
+    """Raised inside a transaction to roll it back (the health probe's write)."""
 
 
 def _opt_utc(value: datetime | None) -> datetime | None:

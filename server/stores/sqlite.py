@@ -2,25 +2,41 @@
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from yoyo import get_backend, read_migrations
 
 from server.aliases import Alias, AliasConflict
-from server.audit import GENESIS, AuditEvent, AuditRow, link_hash
+from server.audit import GENESIS, AuditEvent, AuditRow, SignedHead, link_hash
 from server.domain import Binding, BindingStatus, Identity, IssuerRecord, OtpRecord, Partner, PendingIssuer
-from server.limits import FailureState, Limits, RateRule, Window, after_failure, seconds_until
+from server.limits import (
+    GLOBAL_KEY,
+    SCOPE_AUTH_FAILURES,
+    SCOPE_NONCES,
+    FailureState,
+    Limits,
+    RateRule,
+    Reservation,
+    Window,
+    after_failure,
+    after_reserved_failure,
+    release,
+    reserve,
+    seconds_until,
+)
 from server.ports import KeyOwnedByOther, OtpAlreadyUsed, PartnerCertificateInUse, RateLimited, StoreUnavailable
 
 BUSY_TIMEOUT_SECONDS = 5.0
 TABLES = frozenset(
     {"individuals", "otps", "bindings", "wallet_keys", "issuers", "wla_jtis", "binding_nonces"}
     | {"individual_limits", "partner_limits", "audit_log", "partners", "kbi_answers", "individual_aliases"}
+    | {"limit_windows", "audit_heads"}
 )
 
 
@@ -80,11 +96,16 @@ class SqliteStore:
         self._all: list[sqlite3.Connection] = []
         self._guard = threading.Lock()
         self._write_lock = threading.Lock()
+        #: Bumped after a failed write: every thread then opens a new connection before its next statement.
+        self._generation = 0
 
     # -- connections ----------------------------------------------------------------------
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None and getattr(self._local, "generation", 0) != self._generation:
+            self._drop(conn)
+            conn = None
         if conn is None:
             try:
                 conn = sqlite3.connect(
@@ -97,29 +118,61 @@ class SqliteStore:
             except sqlite3.Error as err:
                 raise StoreUnavailable(f"cannot open the database: {err}") from err
             self._local.conn = conn
+            self._local.generation = self._generation
             with self._guard:
                 self._all.append(conn)
         return conn
 
+    def _drop(self, conn: sqlite3.Connection) -> None:
+        self._local.conn = None
+        with self._guard:
+            if conn in self._all:
+                self._all.remove(conn)
+        with suppress(sqlite3.Error):
+            conn.close()
+
+    def _reopen_all(self) -> None:
+        """After a failed write, open fresh connections: SQLite opens a file it cannot write (an immutable or
+        read-only file, a read-only mount) read-only and keeps it so for the connection's life, so only a new
+        connection sees the file writable again. Each thread reopens before its next statement."""
+        with self._guard:
+            self._generation += 1
+
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """A write transaction. ``durable=False`` commits without waiting for the disk (synchronous=NORMAL):
+        on a power loss it may be lost, but never half-applied; only for writes whose loss is harmless."""
         conn = self._conn()
         # SQLite admits one writer at a time; threads of this process queue on a lock rather
         # than in SQLite's busy handler, whose sleeps (up to 100 ms each) make long latency tails.
         with self._write_lock:
+            if not durable:
+                conn.execute("PRAGMA synchronous=NORMAL")
             try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as err:
-                raise StoreUnavailable(f"database busy or unavailable: {err}") from err
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException as err:
-                with suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                if isinstance(err, sqlite3.OperationalError):
-                    raise StoreUnavailable(f"database write failed: {err}") from err
-                raise
+                yield from self._in_tx(conn)
+            finally:
+                if not durable:
+                    with suppress(sqlite3.Error):
+                        conn.execute("PRAGMA synchronous=FULL")
+
+    def _in_tx(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as err:
+            if not _is_busy(err):
+                self._reopen_all()
+            raise StoreUnavailable(f"database busy or unavailable: {err}") from err
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException as err:
+            with suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            if isinstance(err, sqlite3.OperationalError):
+                if not _is_busy(err):
+                    self._reopen_all()
+                raise StoreUnavailable(f"database write failed: {err}") from err
+            raise
 
     def _query(self, sql: str, params: Sequence[object]) -> list[sqlite3.Row]:
         conn = self._conn()
@@ -132,6 +185,25 @@ class SqliteStore:
 
     def ping(self) -> None:
         self._query("SELECT 1", ())
+
+    def check_writable(self) -> None:
+        """The health probe's write: a row written and rolled back (StoreUnavailable when writes fail)."""
+        conn = self._conn()
+        with self._write_lock:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.execute(
+                        "INSERT INTO limit_windows (scope, key, window_start, count) VALUES ('health', ?, ?, 0)"
+                        " ON CONFLICT (scope, key) DO UPDATE SET count = count + 1",
+                        (secrets.token_hex(8), ts(datetime.now(UTC))),
+                    )
+                finally:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error as err:
+                if not (isinstance(err, sqlite3.OperationalError) and _is_busy(err)):
+                    self._reopen_all()
+                raise StoreUnavailable(f"database write failed: {err}") from err
 
     def close(self) -> None:
         with self._guard:
@@ -163,6 +235,54 @@ class SqliteStore:
     def kbi_answers(self, id_hmac: bytes) -> dict[str, bytes]:
         rows = self._query("SELECT field_id, answer_hmac FROM kbi_answers WHERE id_hmac = ?", (id_hmac,))
         return {row["field_id"]: bytes(row["answer_hmac"]) for row in rows}
+
+    def upsert_identities(
+        self,
+        identities: Sequence[Identity],
+        *,
+        kbi: Sequence[Mapping[str, bytes] | None] = (),
+        aliases: Sequence[Alias] = (),
+        audit: Callable[[int, int], AuditEvent] | None = None,
+    ) -> tuple[int, int]:
+        """Insert or replace every identity, its KBI answers (``kbi[i]`` for ``identities[i]``; none clears
+        them, as `upsert_identity`) and ``aliases`` in one transaction (all or nothing), with the audit entry
+        ``audit(new, updated)`` makes; returns (new, updated). An alias another individual holds, or one that
+        was revoked, raises AliasConflict and nothing is written."""
+        now = ts(datetime.now(UTC))
+        added = 0
+        with self._tx() as conn:
+            for index, identity in enumerate(identities):
+                existed = conn.execute("SELECT 1 FROM individuals WHERE id_hmac = ?", (identity.id_hmac,)).fetchone()
+                conn.execute(
+                    "INSERT INTO individuals (id_hmac, email, phone, name, pin_hmac, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (id_hmac) DO UPDATE SET email = excluded.email, phone = excluded.phone,"
+                    " name = excluded.name, pin_hmac = excluded.pin_hmac, updated_at = excluded.updated_at",
+                    (identity.id_hmac, identity.email, identity.phone, identity.name, identity.pin_hmac, now, now),
+                )
+                added += existed is None
+                answers = kbi[index] if index < len(kbi) else None
+                conn.execute("DELETE FROM kbi_answers WHERE id_hmac = ?", (identity.id_hmac,))
+                conn.executemany(
+                    "INSERT INTO kbi_answers (id_hmac, field_id, answer_hmac) VALUES (?, ?, ?)",
+                    [(identity.id_hmac, field_id, mac) for field_id, mac in (answers or {}).items()],
+                )
+            for alias in aliases:
+                row = conn.execute(
+                    SQL_UPSERT_ALIAS,
+                    (
+                        alias.alias_hmac,
+                        alias.id_hmac,
+                        alias.alias_type,
+                        ts(alias.created_at),
+                        _opt_text(alias.expires_at),
+                    ),
+                ).fetchone()
+                if row is None:
+                    raise AliasConflict("an alias is registered to another individual or was revoked")
+            if audit is not None:
+                self._append_audit(conn, audit(added, len(identities) - added))
+        return added, len(identities) - added
 
     def get_identity(self, id_hmac: bytes) -> Identity | None:
         rows = self._query("SELECT email, phone, name, pin_hmac FROM individuals WHERE id_hmac = ?", (id_hmac,))
@@ -286,9 +406,12 @@ class SqliteStore:
         now: datetime,
         consume_nonce: str | None = None,
         audit: AuditEvent | None = None,
+        release: Reservation | None = None,
     ) -> None:
         with self._tx() as conn:
             self._consume(conn, binding.id_hmac, consume_otp, consume_nonce, now)
+            if release is not None:  # in this transaction: a success costs no extra commit
+                self._release(conn, binding.id_hmac, release)
             conn.execute(
                 "UPDATE bindings SET status = 'superseded', superseded_at = ?"
                 " WHERE id_hmac = ? AND partner_id = ? AND auth_factor_type = ? AND status = 'active'",
@@ -390,8 +513,24 @@ class SqliteStore:
                 self._append_audit(conn, audit)
             return True
 
-    def create_nonce(self, nonce: str, id_hmac: bytes, partner_id: str, expires_at: datetime) -> None:
+    def create_nonce(
+        self,
+        nonce: str,
+        id_hmac: bytes,
+        partner_id: str,
+        expires_at: datetime,
+        *,
+        now: datetime | None = None,
+        limit: RateRule | None = None,
+    ) -> None:
         with self._tx() as conn:
+            if limit is not None and now is not None:
+                row = conn.execute(
+                    SQL_COUNT_INDIVIDUAL_NONCE, (id_hmac, ts(now), *_window_params(now, limit))
+                ).fetchone()
+                wait = _refused_for(row, now, limit)
+                if wait:
+                    raise RateLimited(wait)  # rolls the count back: nothing is written
             conn.execute(
                 "INSERT INTO binding_nonces (nonce, id_hmac, partner_id, expires_at) VALUES (?, ?, ?, ?)",
                 (nonce, id_hmac, partner_id, ts(expires_at)),
@@ -468,27 +607,159 @@ class SqliteStore:
         if wait:
             raise RateLimited(wait)  # rolls the count back with the rest of the transaction
 
+    @staticmethod
+    def _failure_state(conn: sqlite3.Connection, id_hmac: bytes) -> FailureState:
+        row = conn.execute(
+            "SELECT fail_window_start, failures, locked_until FROM individual_limits WHERE id_hmac = ?", (id_hmac,)
+        ).fetchone()
+        return FailureState(Window(_opt_ts(row[0]), row[1]), _opt_ts(row[2])) if row is not None else FailureState()
+
+    @staticmethod
+    def _save_failure_state(conn: sqlite3.Connection, id_hmac: bytes, new: FailureState) -> None:
+        conn.execute(
+            "INSERT INTO individual_limits (id_hmac, fail_window_start, failures, locked_until) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (id_hmac) DO UPDATE SET fail_window_start = excluded.fail_window_start,"
+            " failures = excluded.failures, locked_until = excluded.locked_until",
+            (id_hmac, _opt_text(new.window.start), new.window.count, _opt_text(new.locked_until)),
+        )
+
+    def reserve_attempt(self, id_hmac: bytes, now: datetime, limits: Limits) -> tuple[Identity | None, Reservation]:
+        # Not waited for on disk: a reservation lost to a power cut belongs to an attempt that was never
+        # answered (its failure, or the binding that gives it back, is committed durably, and with it this).
+        with self._tx(durable=False) as conn:
+            found = conn.execute(
+                "SELECT email, phone, name, pin_hmac FROM individuals WHERE id_hmac = ?", (id_hmac,)
+            ).fetchone()
+            state = self._failure_state(conn, id_hmac)
+            new, reservation = reserve(state, now, limits)
+            if new != state:
+                self._save_failure_state(conn, id_hmac, new)
+        identity = Identity(id_hmac, found[0], found[1], found[2], found[3]) if found is not None else None
+        return identity, reservation
+
+    def release_attempt(self, id_hmac: bytes, reservation: Reservation) -> None:
+        if reservation.window_start is None:
+            return
+        with self._tx() as conn:
+            self._release(conn, id_hmac, reservation)
+
+    def _release(self, conn: sqlite3.Connection, id_hmac: bytes, reservation: Reservation) -> None:
+        if reservation.window_start is None:
+            return
+        state = self._failure_state(conn, id_hmac)
+        new = release(state, reservation)
+        if new != state:
+            self._save_failure_state(conn, id_hmac, new)
+
     def record_auth_failure(
-        self, id_hmac: bytes, now: datetime, limits: Limits, *, audit: AuditEvent, lockout_audit: AuditEvent
+        self,
+        id_hmac: bytes,
+        now: datetime,
+        limits: Limits,
+        *,
+        audit: AuditEvent,
+        lockout_audit: AuditEvent,
+        reservation: Reservation | None = None,
     ) -> FailureState:
         with self._tx() as conn:
-            row = conn.execute(
-                "SELECT fail_window_start, failures, locked_until FROM individual_limits WHERE id_hmac = ?", (id_hmac,)
-            ).fetchone()
-            state = (
-                FailureState(Window(_opt_ts(row[0]), row[1]), _opt_ts(row[2])) if row is not None else FailureState()
-            )
-            new = after_failure(state, now, limits)
-            conn.execute(
-                "INSERT INTO individual_limits (id_hmac, fail_window_start, failures, locked_until) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (id_hmac) DO UPDATE SET fail_window_start = excluded.fail_window_start,"
-                " failures = excluded.failures, locked_until = excluded.locked_until",
-                (id_hmac, _opt_text(new.window.start), new.window.count, _opt_text(new.locked_until)),
-            )
+            state = self._failure_state(conn, id_hmac)
+            if reservation is None:
+                new = after_failure(state, now, limits)
+            else:
+                new = after_reserved_failure(state, now, limits, reservation)
+            if new != state:
+                self._save_failure_state(conn, id_hmac, new)
             self._append_audit(conn, audit)
             if new.locked_until != state.locked_until:
                 self._append_audit(conn, lockout_audit)
         return new
+
+    def failure_budget(self, partner_id: str) -> tuple[Window, Window]:
+        """The partner's and everyone's failed-challenge windows, as stored."""
+        rows = self._query(SQL_FAILURE_BUDGET, (SCOPE_AUTH_FAILURES, partner_id, GLOBAL_KEY))
+        windows = {r["key"]: Window(parse_ts(r["window_start"]), r["count"]) for r in rows}
+        return windows.get(partner_id, Window()), windows.get(GLOBAL_KEY, Window())
+
+    def count_failure_budget(self, partner_id: str, now: datetime, limits: Limits) -> None:
+        """Count one failed challenge against the partner's budget and everyone's."""
+        with self._tx() as conn:
+            for key, rule in (
+                (partner_id, limits.auth_failures_per_partner),
+                (GLOBAL_KEY, limits.auth_failures_global),
+            ):
+                conn.execute(SQL_COUNT_WINDOW, (SCOPE_AUTH_FAILURES, key, ts(now), *_window_params(now, rule)))
+
+    def count_partner_nonce(self, partner_id: str, now: datetime, rule: RateRule) -> int:
+        with self._tx() as conn:
+            row = conn.execute(
+                SQL_COUNT_WINDOW, (SCOPE_NONCES, partner_id, ts(now), *_window_params(now, rule))
+            ).fetchone()
+        return _refused_for(row, now, rule)
+
+    def purge_expired(self, now: datetime, limits: Limits, batch: int) -> dict[str, int]:
+        """Delete up to ``batch`` expired rows of each kind, oldest first, each kind in a short transaction."""
+        longest = max(
+            r.window_seconds
+            for r in (
+                limits.otp_sends_per_individual,
+                limits.otp_sends_per_partner,
+                limits.auth_failures,
+                limits.auth_failures_per_partner,
+                limits.auth_failures_global,
+                limits.nonces_per_partner,
+                limits.nonces_per_individual,
+            )
+        )
+        cut = ts(now - timedelta(seconds=longest))
+        done: dict[str, int] = {}
+        for table, sql, params in (
+            ("otps", SQL_PURGE_OTPS, (ts(now), batch)),
+            ("wla_jtis", SQL_PURGE_JTIS, (ts(now), batch)),
+            ("binding_nonces", SQL_PURGE_NONCES, (ts(now), batch)),
+            ("limit_windows", SQL_PURGE_WINDOWS, (cut, batch)),
+            ("partner_limits", SQL_PURGE_PARTNER_LIMITS, (cut, batch)),
+            ("individual_limits", SQL_PURGE_INDIVIDUAL_LIMITS, {"now": ts(now), "cut": cut, "n": batch}),
+        ):
+            with self._tx() as conn:
+                done[table] = conn.execute(sql, params).rowcount
+        return done
+
+    # -- signed audit chain heads (server/audit.py) ---------------------------------------
+
+    def chain_heads_after(self, row_id: int, limit: int) -> tuple[list[tuple[bytes, int, bytes]], int]:
+        """The newest (chain_key, seq, hash) of each chain with an entry whose id is above ``row_id``, among the
+        next ``limit`` entries; and the highest id seen (the caller's next ``row_id``)."""
+        rows = self._query(
+            "SELECT id, chain_key, seq, hash FROM audit_log WHERE id > ? ORDER BY id LIMIT ?", (row_id, limit)
+        )
+        heads: dict[bytes, tuple[int, bytes]] = {}
+        for r in rows:
+            key = bytes(r["chain_key"])
+            if key not in heads or r["seq"] > heads[key][0]:
+                heads[key] = (r["seq"], bytes(r["hash"]))
+        last = max((r["id"] for r in rows), default=row_id)
+        return [(k, seq, h) for k, (seq, h) in heads.items()], last
+
+    def save_audit_heads(self, heads: Sequence[SignedHead]) -> None:
+        """Record signed heads; a head never moves back (an older signature never replaces a newer one)."""
+        with self._tx() as conn:
+            for h in heads:
+                conn.execute(
+                    "INSERT INTO audit_heads (chain_key, seq, hash, signed_at, mac) VALUES (?, ?, ?, ?, ?)"
+                    " ON CONFLICT (chain_key) DO UPDATE SET seq = excluded.seq, hash = excluded.hash,"
+                    " signed_at = excluded.signed_at, mac = excluded.mac WHERE excluded.seq >= audit_heads.seq",
+                    (h.chain_key, h.seq, h.hash, ts(h.signed_at), h.mac),
+                )
+
+    def audit_heads(self) -> Sequence[SignedHead]:
+        rows = self._query("SELECT chain_key, seq, hash, signed_at, mac FROM audit_heads ORDER BY chain_key", ())
+        return [
+            SignedHead(bytes(r["chain_key"]), r["seq"], bytes(r["hash"]), parse_ts(r["signed_at"]), bytes(r["mac"]))
+            for r in rows
+        ]
+
+    def max_audit_id(self) -> int:
+        return int(self._query("SELECT coalesce(max(id), 0) AS n FROM audit_log", ())[0]["n"])
 
     @staticmethod
     def _append_audit(conn: sqlite3.Connection, event: AuditEvent) -> None:
@@ -702,6 +973,48 @@ SQL_COUNT_PARTNER_SEND = (
     "INSERT INTO partner_limits AS l (partner_id, otp_window_start, otp_sends) VALUES (?1, ?2, 1)"  # noqa: S608 (fixed names)
     + _COUNT_SEND.format(key="partner_id")
 )
+SQL_COUNT_INDIVIDUAL_NONCE = (
+    "INSERT INTO individual_limits AS l (id_hmac, nonce_window_start, nonces) VALUES (?1, ?2, 1)"  # noqa: S608 (fixed names)
+    + _COUNT_SEND.replace("otp_window_start", "nonce_window_start").replace("otp_sends", "nonces").format(key="id_hmac")
+)
+# The same window rule on a limit_windows row. Parameters: scope, key, now, expired (= now - window), now, limit.
+SQL_COUNT_WINDOW = (
+    "INSERT INTO limit_windows AS l (scope, key, window_start, count) VALUES (?1, ?2, ?3, 1)"
+    " ON CONFLICT (scope, key) DO UPDATE SET"
+    " window_start = CASE WHEN l.window_start <= ?4 OR l.window_start > ?5 THEN excluded.window_start"
+    " ELSE l.window_start END,"
+    " count = CASE WHEN l.window_start <= ?4 OR l.window_start > ?5 THEN 1"
+    " WHEN l.count <= ?6 THEN l.count + 1 ELSE l.count END"
+    " RETURNING window_start, count"
+)
+SQL_FAILURE_BUDGET = "SELECT key, window_start, count FROM limit_windows WHERE scope = ? AND key IN (?, ?)"
+# The sweep (server/sweeper.py): expired rows, oldest first, at most a batch per statement.
+SQL_PURGE_OTPS = (
+    "DELETE FROM otps WHERE transaction_id IN (SELECT transaction_id FROM otps WHERE expires_at <= ?"
+    " ORDER BY expires_at LIMIT ?)"
+)
+SQL_PURGE_JTIS = (
+    "DELETE FROM wla_jtis WHERE rowid IN (SELECT rowid FROM wla_jtis WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)"
+)
+SQL_PURGE_NONCES = (
+    "DELETE FROM binding_nonces WHERE nonce IN (SELECT nonce FROM binding_nonces WHERE expires_at <= ?"
+    " ORDER BY expires_at LIMIT ?)"
+)
+SQL_PURGE_WINDOWS = (
+    "DELETE FROM limit_windows WHERE rowid IN (SELECT rowid FROM limit_windows WHERE window_start <= ?"
+    " ORDER BY window_start LIMIT ?)"
+)
+SQL_PURGE_PARTNER_LIMITS = (
+    "DELETE FROM partner_limits WHERE partner_id IN (SELECT partner_id FROM partner_limits"
+    " WHERE otp_window_start <= ? LIMIT ?)"
+)
+# An individual's counters can go once every window has ended and no lockout is running: a fresh row
+# behaves the same.
+SQL_PURGE_INDIVIDUAL_LIMITS = (
+    "DELETE FROM individual_limits WHERE id_hmac IN (SELECT id_hmac FROM individual_limits"
+    " WHERE coalesce(locked_until, '') <= :now AND coalesce(otp_window_start, '') <= :cut"
+    " AND coalesce(fail_window_start, '') <= :cut AND coalesce(nonce_window_start, '') <= :cut LIMIT :n)"
+)
 SQL_COUNT_INDIVIDUAL_SEND = (
     "INSERT INTO individual_limits AS l (id_hmac, otp_window_start, otp_sends) VALUES (?1, ?2, 1)"  # noqa: S608 (fixed names)
     + _COUNT_SEND.format(key="id_hmac")
@@ -715,6 +1028,11 @@ SQL_APPEND_AUDIT = (
     " FROM (SELECT coalesce((SELECT seq FROM audit_log WHERE chain_key = :key ORDER BY seq DESC LIMIT 1), 0) AS seq,"
     " coalesce((SELECT hash FROM audit_log WHERE chain_key = :key ORDER BY seq DESC LIMIT 1), :genesis) AS hash) AS h"
 )
+
+
+def _is_busy(err: sqlite3.OperationalError) -> bool:
+    """Another writer holds the lock: the connection is fine, the caller may retry."""
+    return "locked" in str(err) or "busy" in str(err)
 
 
 def _sql_link_hash(prev_hash: bytes, seq: int, payload: bytes) -> bytes:

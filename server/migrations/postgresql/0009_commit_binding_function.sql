@@ -6,7 +6,7 @@
 -- the same order under the same lock. Every statement names the individual (p_id_hmac): on Citus the
 -- function is distributed by p_id_hmac, colocated with bindings, and runs on that individual's shard.
 -- A spent OTP or nonce raises SQLSTATE KB001 / KB002, which rolls everything back (the store maps them
--- to OtpAlreadyUsed); a second active binding still fails on bindings_one_active (23505). Calling it
+-- to OtpAlreadyUsed); the attempt's reservation is released in the same transaction; a second active binding still fails on bindings_one_active (23505). Calling it
 -- again with the same binding (same certificate thumbprint) changes nothing and succeeds.
 CREATE FUNCTION kb_commit_binding(
     p_id_hmac bytea,
@@ -32,7 +32,8 @@ CREATE FUNCTION kb_commit_binding(
     p_audit_reason text,
     p_audit_subject text,
     p_audit_payload bytea,
-    p_genesis bytea
+    p_genesis bytea,
+    p_release_window timestamptz DEFAULT NULL
 ) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_advisory_xact_lock(p_lock_namespace, p_lock_key);
@@ -54,6 +55,12 @@ BEGIN
         IF NOT FOUND THEN
             RAISE EXCEPTION 'the nonce was used already' USING ERRCODE = 'KB002';
         END IF;
+    END IF;
+    -- The attempt this binding's challenges were counted under (server.limits.reserve) is given back in this
+    -- transaction: a success forgives no failure and costs none (server.limits.release).
+    IF p_release_window IS NOT NULL THEN
+        UPDATE individual_limits SET failures = failures - 1
+            WHERE id_hmac = p_id_hmac AND fail_window_start = p_release_window AND failures >= 1;
     END IF;
     UPDATE bindings SET status = 'superseded', superseded_at = p_now
         WHERE id_hmac = p_id_hmac AND partner_id = p_partner_id AND auth_factor_type = p_factor AND status = 'active';
