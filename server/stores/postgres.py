@@ -25,6 +25,7 @@ from server.limits import (
     GLOBAL_KEY,
     SCOPE_AUTH_FAILURES,
     SCOPE_NONCES,
+    WINDOW_SKEW_SECONDS,
     FailureState,
     Limits,
     RateRule,
@@ -222,9 +223,10 @@ SQL_SAVE_FAILURE_STATE: Final = (
     " ON CONFLICT (id_hmac) DO UPDATE SET fail_window_start = excluded.fail_window_start,"
     " failures = excluded.failures, locked_until = excluded.locked_until"
 )
-# One statement counts a send: a window that ended (or lies in the future: the clock stepped back) starts
+# One statement counts a send: a window that ended (or lies over a minute ahead: the clock stepped back) starts
 # afresh at 1; otherwise the count goes up, but never past limit + 1, which means "refused" (server.limits
-# applies the same window rule to failures). Parameters: key, now, expired (= now - window), now, limit.
+# applies the same window rule to failures).
+# Parameters: key, now, expired (= now - window), ahead (= now + skew), limit.
 _COUNT_SEND: Final = (
     " ON CONFLICT ({key}) DO UPDATE SET"
     " otp_window_start = CASE WHEN l.otp_window_start IS NULL OR l.otp_window_start <= %s"
@@ -258,7 +260,7 @@ SQL_APPEND_AUDIT: Final = (
 )
 # Failure budgets and the partner's nonce count: limit_windows is distributed by key (a partner id or '*').
 # Each statement is its own transaction, never joined with an individual's rows. Parameters: scope, key,
-# now, expired (= now - window), now, expired, now, limit.
+# now, expired (= now - window), ahead (= now + skew), expired, ahead, limit.
 SQL_COUNT_WINDOW: Final = (
     "INSERT INTO limit_windows AS l (scope, key, window_start, count) VALUES (%s, %s, %s, 1)"
     " ON CONFLICT (scope, key) DO UPDATE SET"
@@ -1254,8 +1256,9 @@ def _opt_utc(value: datetime | None) -> datetime | None:
 
 
 def _window_params(now: datetime, rule: RateRule) -> tuple[datetime, datetime, datetime, datetime, int]:
-    expired, current = _utc(now - rule.window), _utc(now)
-    return expired, current, expired, current, rule.limit
+    """(expired, ahead, expired, ahead, limit): see the SQLite store's, the same rule."""
+    expired, ahead = _utc(now - rule.window), _utc(now + timedelta(seconds=WINDOW_SKEW_SECONDS))
+    return expired, ahead, expired, ahead, rule.limit
 
 
 def _refused_for(row: Sequence[Any] | None, now: datetime, rule: RateRule) -> int:

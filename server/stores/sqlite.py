@@ -19,6 +19,7 @@ from server.limits import (
     GLOBAL_KEY,
     SCOPE_AUTH_FAILURES,
     SCOPE_NONCES,
+    WINDOW_SKEW_SECONDS,
     FailureState,
     Limits,
     RateRule,
@@ -958,9 +959,9 @@ SQL_IDENTITY_AND_LOCK = (
     "SELECT email, phone, name, pin_hmac, locked_until FROM individuals LEFT JOIN individual_limits USING (id_hmac)"
     " WHERE id_hmac = ?"
 )
-# One statement counts a send: a window that ended (or lies in the future: the clock stepped back) starts
+# One statement counts a send: a window that ended (or lies over a minute ahead: the clock stepped back) starts
 # afresh at 1; otherwise the count goes up, but never past limit + 1, which means "refused".
-# Parameters: key, now, expired (= now - window), now, limit.
+# Parameters: key, now, expired (= now - window), ahead (= now + skew), limit.
 _COUNT_SEND = (
     " ON CONFLICT ({key}) DO UPDATE SET"
     " otp_window_start = CASE WHEN l.otp_window_start IS NULL OR l.otp_window_start <= ?3 OR l.otp_window_start > ?4"
@@ -977,7 +978,7 @@ SQL_COUNT_INDIVIDUAL_NONCE = (
     "INSERT INTO individual_limits AS l (id_hmac, nonce_window_start, nonces) VALUES (?1, ?2, 1)"  # noqa: S608 (fixed names)
     + _COUNT_SEND.replace("otp_window_start", "nonce_window_start").replace("otp_sends", "nonces").format(key="id_hmac")
 )
-# The same window rule on a limit_windows row. Parameters: scope, key, now, expired (= now - window), now, limit.
+# The same window rule on a limit_windows row. Parameters: scope, key, now, expired, ahead, limit.
 SQL_COUNT_WINDOW = (
     "INSERT INTO limit_windows AS l (scope, key, window_start, count) VALUES (?1, ?2, ?3, 1)"
     " ON CONFLICT (scope, key) DO UPDATE SET"
@@ -1040,7 +1041,10 @@ def _sql_link_hash(prev_hash: bytes, seq: int, payload: bytes) -> bytes:
 
 
 def _window_params(now: datetime, rule: RateRule) -> tuple[str, str, int]:
-    return ts(now - rule.window), ts(now), rule.limit
+    """(expired, ahead, limit): a window that started before ``expired`` has ended; one that starts after
+    ``ahead`` lies in the future (the clock stepped back); one in between is current, though it may start a
+    little after ``now`` (a concurrent request read the clock later but counted first)."""
+    return ts(now - rule.window), ts(now + timedelta(seconds=WINDOW_SKEW_SECONDS)), rule.limit
 
 
 def _refused_for(row: Sequence[object] | None, now: datetime, rule: RateRule) -> int:
