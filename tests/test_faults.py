@@ -60,13 +60,15 @@ def health(channel: grpc.Channel) -> int:
         return -1
 
 
-def bind_request(data_dir: Path, stub: pb_grpc.KeyBinderServiceStub) -> pb.DoKeyBindingRequest:
+def bind_request(
+    data_dir: Path, stub: pb_grpc.KeyBinderServiceStub, individual_id: str = DEMO_ID
+) -> pb.DoKeyBindingRequest:
     sent = stub.SendBindingOtp(
-        pb.SendBindingOtpRequest(individual_id=DEMO_ID, otp_channels=["email"]), metadata=partner_md(data_dir)
+        pb.SendBindingOtpRequest(individual_id=individual_id, otp_channels=["email"]), metadata=partner_md(data_dir)
     )
     otp = read_otp(data_dir / "outbox.jsonl", sent.transaction_id)
     return pb.DoKeyBindingRequest(
-        individual_id=DEMO_ID,
+        individual_id=individual_id,
         challenges=[pb.AuthChallenge(auth_factor_type="OTP", format="alpha-numeric", challenge=otp)],
         public_key_jwk=new_wallet_key("ec-p256")[1],
         bind_auth_factor_type="WLA",

@@ -344,7 +344,7 @@ def test_metrics_are_off_unless_a_port_is_set(tmp_path: Path) -> None:
 
 
 def test_a_busy_metrics_port_fails_clearly(tmp_path: Path) -> None:
-    (tmp_path / "keybinder.db").touch()  # past serve's check for a data directory init made: the port fails
+    (tmp_path / "keybinder.db").touch(mode=0o600)  # past serve's check for a data directory init made: the port fails
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -6,6 +6,7 @@ restart test kills the whole HSM server process group under load and starts it a
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -37,7 +38,7 @@ from tests.conftest import (
     send_otp,
 )
 from tests.hsm_backends import P11KIT_CLIENT, HsmBackend, P11KitServer
-from tests.test_cli import cli_env, make_data_dir, partner_md
+from tests.test_cli import cli_env, kb_cli, make_data_dir, partner_md
 from tests.test_faults import bind_request as fault_bind_request
 from tests.test_faults import binding_rows, health, start, wait_for
 
@@ -115,6 +116,9 @@ def reason_of(err: grpc.RpcError) -> str:
     return ""
 
 
+LOOP_ID = "5550001111"
+
+
 class BindingLoop:
     """Bindings one after another on their own channel, every outcome recorded."""
 
@@ -141,7 +145,7 @@ class BindingLoop:
             stub = pb_grpc.KeyBinderServiceStub(channel)
             while not self._stop.is_set():
                 try:
-                    req = fault_bind_request(self.data_dir, stub)
+                    req = fault_bind_request(self.data_dir, stub, LOOP_ID)
                 except grpc.RpcError as err:
                     self.outcomes.append(Outcome("otp", err.code(), reason_of(err), ""))
                     time.sleep(0.05)
@@ -159,6 +163,12 @@ class BindingLoop:
 def remote_data(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, P11KitServer]]:
     """A data directory whose SoftHSM token is served by a p11-kit server of its own."""
     data_dir = make_data_dir(tmp_path_factory.mktemp("p11kit-data"))
+    # The binding loop's individual: its own, so an OTP the test sends another individual never replaces the
+    # loop's outstanding one (a new OTP invalidates the previous, by design).
+    loop_people = data_dir.parent / "loop-identities.json"
+    loop_people.write_text(json.dumps([{"individual_id": LOOP_ID, "email": "loop@example.net"}]))
+    result = kb_cli("identities", "import", str(loop_people), data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
     env = cli_env() | {"SOFTHSM2_CONF": str(data_dir / "softhsm2.conf")}
     hsm = P11KitServer(tmp_path_factory.mktemp("p11kit-restart") / "sock", SOFTHSM_MODULE, env)
     hsm.start()

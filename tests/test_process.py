@@ -33,7 +33,7 @@ from tests.test_durability import PEOPLE, OwnPostgres
 from tests.test_durability import PIN as PG_PIN
 from tests.test_durability import make_data_dir as pg_data_dir
 
-DEMO_PIN = "135790"  # the PIN test_cli.make_data_dir gives DEMO_ID
+DEMO_PIN = "590417"  # the PIN test_cli.make_data_dir gives DEMO_ID
 
 
 @pytest.fixture(scope="module")
@@ -322,7 +322,7 @@ BAD_STARTS = {
     "missing-token-directory": BadStart(lambda d, t: {}, "token directory", _move_tokens),
     "bad-database-scheme": BadStart(lambda d, t: {"KEYBINDER_DATABASE_URL": "mysql://db/kb"}, "sqlite:///path"),
     "missing-sqlite-file": BadStart(
-        lambda d, t: {"KEYBINDER_DATABASE_URL": f"sqlite:///{t}/gone/keybinder.db"}, "does not exist"
+        lambda d, t: {"KEYBINDER_DATABASE_URL": f"sqlite:///{t}/gone/keybinder.db"}, "run `keybinder init`"
     ),
     "unmigrated-sqlite": BadStart(_unmigrated_sqlite, "keybinder migrate"),
     "unreachable-postgres": BadStart(
@@ -347,7 +347,7 @@ def test_a_bad_start_is_one_line_and_a_non_zero_exit(data_dir: Path, tmp_path: P
         if restore is not None:
             restore()
     assert len(lines) == 1, "\n".join(lines)
-    assert lines[0].startswith("error:"), lines[0]
+    assert lines[0].startswith(("error:", "configuration error:")), lines[0]
     assert bad.expected in lines[0], lines[0]
     assert "not-the-pin" not in lines[0]
 

@@ -429,7 +429,7 @@ def migrate(url: str) -> int:
 def pending_migrations(url: str) -> int:
     """Migrations not yet applied; connecting first with a bounded wait, so an unreachable server fails fast."""
     psycopg.connect(libpq_url(url), connect_timeout=CONNECT_TIMEOUT_SECONDS).close()
-    backend = get_backend(yoyo_url(url))
+    backend = get_backend(yoyo_url(writable_host_url(url)))
     try:
         return len(backend.to_apply(read_migrations(migrations_dir())))
     finally:
