@@ -12,11 +12,10 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from joserfc.jwk import ECKey, OKPKey, RSAKey
 
 from server.certs import to_pem, x5t_s256
 from server.domain import IssuerRecord, PendingIssuer
+from server.keyprofiles import profile_of
 
 #: Random hex digits in a new key label: labels are primary keys and are never reused.
 LABEL_SUFFIX_BYTES = 3
@@ -170,20 +169,12 @@ def issuer_jwks(chains: Sequence[tuple[x509.Certificate, Sequence[x509.Certifica
     keys = []
     for cert, chain in chains:
         public = cert.public_key()
-        jwk: dict[str, Any]
-        if isinstance(public, ec.EllipticCurvePublicKey):
-            jwk = dict(ECKey.import_key(public).as_dict())
-            alg = "ES384" if public.curve.key_size == 384 else "ES256"
-        elif isinstance(public, rsa.RSAPublicKey):
-            jwk, alg = dict(RSAKey.import_key(public).as_dict()), "RS256"
-        elif isinstance(public, ed25519.Ed25519PublicKey):
-            jwk, alg = dict(OKPKey.import_key(public).as_dict()), "EdDSA"
-        else:
-            raise TypeError(f"unsupported issuer key type {type(public).__name__}")
+        profile = profile_of(public)
+        jwk = profile.jwk(public)
         jwk.update(
             kid=x5t_s256(cert),
             use="sig",
-            alg=alg,
+            alg=profile.jwks_alg,
             x5c=[base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode("ascii") for c in [cert, *chain]],
         )
         jwk["x5t#S256"] = x5t_s256(cert)

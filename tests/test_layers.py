@@ -35,6 +35,7 @@ SERVICE_LAYER = {
     "server.deadline": "the caller's deadline as a context variable, with no transport type",
     "server.pin_policy": "the enrolment rules for PINs (guessable PINs refused)",
     "server.sweeper": "periodic maintenance over the ports: purge expired rows, sign audit chain heads",
+    "server.keyprofiles": "the key-type table (JWS algs, hash, JWK kty/crv, HSM kind) and its one type dispatch",
     "server.keytypes": "wallet key types by name, as operators allow them per partner",
     "server.otp": "OTP alphabets and drawing a code",
     "server.aliases": "an individual's aliases (UIN, VIDs): their port and the admin operations",
@@ -198,7 +199,8 @@ BOTTOM = {
     "server.limits": (),
     "server.audit": (),
     "server.ports": ("server.domain", "server.audit", "server.limits"),
-    "server.policy": ("server.limits", "server.wla"),
+    "server.keyprofiles": (),
+    "server.policy": ("server.limits", "server.wla", "server.keyprofiles"),
 }
 
 
