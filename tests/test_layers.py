@@ -41,7 +41,7 @@ SERVICE_LAYER = {
     "server.aliases": "an individual's aliases (UIN, VIDs): their port and the admin operations",
     "server.wla": "WLA token and proof-of-possession verification",
     "server.certs": "certificate profiles (the signer is any cryptography private key)",
-    "server.issuers": "which issuer key signs and which are published",
+    "server.issuers": "which issuer key signs and which are published; the cache of installed issuers",
     "server.limits": "abuse-limit rules",
     "server.audit": "audit entries and their hash chain",
     "server.logs": "log records with request context (plain logging; the gRPC hook is in grpc_api)",
