@@ -11,8 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding
+from cryptography.hazmat.primitives import serialization
 
 from hsm import KeyKind, Pkcs11KeyManager, init_token, token_exists
 from server.audit import admin_event
@@ -28,6 +27,7 @@ from server.config import DEFAULT_ISSUER_LABEL, Settings, redact_url
 from server.domain import Identity, IssuerRecord, OtpChannel, Partner, PendingIssuer
 from server.hsm_backend import HsmHasher, HsmIssuerKeys
 from server.issuers import IssuerState, IssuerStatus, issuer_statuses, new_issuer_label, published_certificates
+from server.keyprofiles import find_profile, profile_of
 from server.notifiers import ChannelRouter, DeadlineNotifier, read_secret
 from server.notifiers.outbox import OutboxNotifier
 from server.notifiers.smtp import SmtpConfig, SmtpNotifier
@@ -70,13 +70,7 @@ class App:
             raise
         self.service.breaker.succeeded()
         signer = self.service.active_issuer().signer
-        data = b"keybinder health probe"
-        if isinstance(signer, ed25519.Ed25519PrivateKey):
-            signer.sign(data)
-        elif isinstance(signer, ec.EllipticCurvePrivateKey):
-            signer.sign(data, ec.ECDSA(hashes.SHA256()))
-        else:
-            signer.sign(data, padding.PKCS1v15(), hashes.SHA256())
+        profile_of(signer.public_key()).sign(signer, b"keybinder health probe")
 
     def sweeper(self) -> Sweeper:
         """Periodic maintenance (expired rows, signed audit heads) for this process."""
@@ -300,16 +294,8 @@ def initialise(settings: Settings, *, demo_partner: bool = False) -> InitReport:
 
 
 def _kind_of(keys: Pkcs11KeyManager, label: str, fallback: KeyKind) -> KeyKind:
-    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-
-    public = keys.get_public_key(label)
-    if isinstance(public, ed25519.Ed25519PublicKey):
-        return KeyKind.ED25519
-    if isinstance(public, rsa.RSAPublicKey):
-        return KeyKind.RSA_3072
-    if isinstance(public, ec.EllipticCurvePublicKey):
-        return KeyKind.EC_P384 if public.curve.key_size == 384 else KeyKind.EC_P256
-    return fallback
+    profile = find_profile(keys.get_public_key(label))
+    return KeyKind(profile.key_kind) if profile is not None else fallback
 
 
 def issuer_chain_pem(store: Store, *, rotation_window_days: int = 60) -> str:

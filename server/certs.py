@@ -12,11 +12,11 @@ from typing import Final
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
 from server.domain import IssuerPrivateKey
 from server.jwk import WalletPublicKey
+from server.keyprofiles import profile_of
 
 ISSUER_ORGANIZATION = "KeyBinder"
 
@@ -53,11 +53,7 @@ ISSUER_KEY_USAGE: Final = x509.KeyUsage(
 
 def signature_hash(key: IssuerPrivateKey) -> hashes.SHA256 | hashes.SHA384 | None:
     """The hash to pair with the issuer key: none for Ed25519, SHA-384 for P-384, else SHA-256."""
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return None
-    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size >= 384:
-        return hashes.SHA384()
-    return hashes.SHA256()
+    return profile_of(key.public_key()).hash
 
 
 def issuer_name(common_name: str) -> x509.Name:

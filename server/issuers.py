@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import base64
 import enum
+import logging
 import secrets
-from collections.abc import Iterable, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from joserfc.jwk import ECKey, OKPKey, RSAKey
 
-from server.certs import to_pem, x5t_s256
+from server.certs import Issuer, to_pem, x5t_s256
 from server.domain import IssuerRecord, PendingIssuer
+from server.errors import KeyBindingFailedError
+from server.keyprofiles import profile_of
+from server.ports import IssuerKeys, IssuerStore
+
+log = logging.getLogger(__name__)
 
 #: Random hex digits in a new key label: labels are primary keys and are never reused.
 LABEL_SUFFIX_BYTES = 3
@@ -170,22 +176,91 @@ def issuer_jwks(chains: Sequence[tuple[x509.Certificate, Sequence[x509.Certifica
     keys = []
     for cert, chain in chains:
         public = cert.public_key()
-        jwk: dict[str, Any]
-        if isinstance(public, ec.EllipticCurvePublicKey):
-            jwk = dict(ECKey.import_key(public).as_dict())
-            alg = "ES384" if public.curve.key_size == 384 else "ES256"
-        elif isinstance(public, rsa.RSAPublicKey):
-            jwk, alg = dict(RSAKey.import_key(public).as_dict()), "RS256"
-        elif isinstance(public, ed25519.Ed25519PublicKey):
-            jwk, alg = dict(OKPKey.import_key(public).as_dict()), "EdDSA"
-        else:
-            raise TypeError(f"unsupported issuer key type {type(public).__name__}")
+        profile = profile_of(public)
+        jwk = profile.jwk(public)
         jwk.update(
             kid=x5t_s256(cert),
             use="sig",
-            alg=alg,
+            alg=profile.jwks_alg,
             x5c=[base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode("ascii") for c in [cert, *chain]],
         )
         jwk["x5t#S256"] = x5t_s256(cert)
         keys.append(jwk)
     return {"keys": keys}
+
+
+#: How often a replica repeats the "rotate now" warning while it keeps re-reading the issuers.
+ISSUER_WARNING_INTERVAL_SECONDS = 3600.0
+
+
+class IssuerCache:
+    """A replica's view of the issuers table, the choice of the key that signs, and the HSM signers of the
+    keys it has used.
+
+    The installed issuers are read at most once per ``ttl_seconds`` (monotonic time), so a binding costs no
+    issuer query and a key rotated by another process is picked up within the TTL. What is published
+    (`certificates`, `chains`) is read from the store on every call instead, so a rotation shows there at once.
+    Times of day are passed in by the caller (its clock); the TTL runs on `monotonic`.
+    """
+
+    def __init__(self, store: IssuerStore, keys: IssuerKeys, *, window: timedelta, ttl_seconds: float) -> None:
+        self._store = store
+        self._keys = keys
+        self._window = window
+        self._ttl_seconds = ttl_seconds
+        self._lock = threading.Lock()
+        self._records: tuple[IssuerRecord, ...] | None = None
+        self._loaded_at = 0.0
+        self._warned_at = -ISSUER_WARNING_INTERVAL_SECONDS
+        self._signers: dict[str, Issuer] = {}
+        #: The TTL's clock: monotonic, so a stepped wall clock neither freezes nor floods the cache.
+        self.monotonic: Callable[[], float] = time.monotonic
+
+    def refresh(self) -> None:
+        """Forget the cached issuer list: the next binding reads it again (after `keys rotate` in-process)."""
+        self._records = None
+
+    def warning(self, now: datetime) -> str | None:
+        """Why the issuer keys need an operator at ``now`` (rotation due, or no valid key), else None."""
+        return rotation_due(self._installed(now, force=False), now, self._window)
+
+    def certificates(self, now: datetime) -> list[x509.Certificate]:
+        """`published_certificates` of the issuers as the store has them now (uncached)."""
+        return published_certificates(list(self._store.issuers()), now, self._window)
+
+    def chains(self, now: datetime) -> list[tuple[x509.Certificate, list[x509.Certificate]]]:
+        """`published_chains` of the issuers as the store has them now (uncached)."""
+        return published_chains(list(self._store.issuers()), now, self._window)
+
+    def active(self, now: datetime) -> Issuer:
+        """The issuer that signs new wallet certificates at ``now``; KeyBindingFailedError when none may."""
+        record = signing_issuer(self._installed(now, force=False), now, self._window)
+        if record is None:  # perhaps a key was installed since the last read
+            record = signing_issuer(self._installed(now, force=True), now, self._window)
+        if record is None:
+            log.error("no valid issuer key; run `keybinder keys rotate`")
+            raise KeyBindingFailedError("key binding failed: no usable issuer")
+        issuer = self._signers.get(record.key_label)
+        if issuer is None:  # a label's row never changes once installed, so its Issuer is kept for good
+            chain = tuple(x509.load_pem_x509_certificates(record.chain_pem.encode())) if record.chain_pem else ()
+            cert = x509.load_pem_x509_certificate(record.certificate_pem.encode())
+            issuer = Issuer(record.key_label, cert, self._keys.signer(record.key_label), chain)
+            self._signers[record.key_label] = issuer
+            log.info("issuer key %r signs new wallet certificates", record.key_label)
+        return issuer
+
+    def _installed(self, now: datetime, *, force: bool) -> tuple[IssuerRecord, ...]:
+        """The installed issuers, from the cache while it is younger than the TTL (unless ``force``)."""
+        records = self._records
+        if not force and records is not None and self.monotonic() - self._loaded_at < self._ttl_seconds:
+            return records
+        with self._lock:
+            if not force and self._records is not None and self._records is not records:
+                return self._records  # another thread refreshed it meanwhile
+            fresh = tuple(self._store.issuers())
+            self._records, self._loaded_at = fresh, self.monotonic()
+        warning = rotation_due(fresh, now, self._window)
+        if warning is not None and self.monotonic() - self._warned_at >= ISSUER_WARNING_INTERVAL_SECONDS:
+            self._warned_at = self.monotonic()
+            log.warning("issuer keys: %s; run `keybinder keys rotate`", warning)
+        return fresh

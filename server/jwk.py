@@ -21,8 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from joserfc.jwk import thumbprint as jwk_thumbprint
 
 from server.errors import InvalidPublicKeyError
+from server.keyprofiles import ED25519, RSA, PublicKey, profile_for_jwk
 
-WalletPublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+WalletPublicKey = PublicKey
 
 MAX_JWK_BYTES = 16_384
 MIN_RSA_BITS = 2048
@@ -30,16 +31,10 @@ MAX_RSA_BITS = 8192
 
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
-_EC_CURVES: dict[str, tuple[type[ec.EllipticCurve], int, frozenset[str]]] = {
-    "P-256": (ec.SECP256R1, 32, frozenset({"ES256"})),
-    "P-384": (ec.SECP384R1, 48, frozenset({"ES384"})),
-}
-_RSA_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 # Ed25519 (RFC 8032): -x^2 + y^2 = 1 + d x^2 y^2 over GF(p).
 _ED_P = 2**255 - 19
 _ED_D = -121665 * pow(121666, -1, _ED_P) % _ED_P
 _ED_SQRT_M1 = pow(2, (_ED_P - 1) // 4, _ED_P)
-_OKP_ALGS = frozenset({"EdDSA", "Ed25519"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,10 +143,11 @@ def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _ec_key(jwk: dict[str, Any]) -> ec.EllipticCurvePublicKey:
     crv = jwk.get("crv")
-    if not isinstance(crv, str) or crv not in _EC_CURVES:
+    profile = profile_for_jwk("EC", crv) if isinstance(crv, str) else None
+    if profile is None or profile.curve is None:
         raise InvalidPublicKeyError("unsupported EC curve; use P-256 or P-384")
-    curve, size, algs = _EC_CURVES[crv]
-    _check_use(jwk, algs)
+    curve, size = profile.curve, profile.coordinate_bytes
+    _check_use(jwk, profile.jwk_algs)
     x, y = _b64(jwk.get("x"), "x"), _b64(jwk.get("y"), "y")
     if len(x) != size or len(y) != size:
         raise InvalidPublicKeyError(f"EC {crv} coordinates must be {size} bytes each")
@@ -221,7 +217,7 @@ def check_rsa_modulus(n: int) -> None:
 
 
 def _rsa_key(jwk: dict[str, Any]) -> rsa.RSAPublicKey:
-    _check_use(jwk, _RSA_ALGS)
+    _check_use(jwk, RSA.jwk_algs)
     n_bytes, e_bytes = _b64(jwk.get("n"), "n"), _b64(jwk.get("e"), "e")
     if n_bytes[0] == 0 or e_bytes[0] == 0:
         raise InvalidPublicKeyError("RSA n and e must be minimal big-endian integers")
@@ -240,7 +236,7 @@ def _rsa_key(jwk: dict[str, Any]) -> rsa.RSAPublicKey:
 def _okp_key(jwk: dict[str, Any]) -> ed25519.Ed25519PublicKey:
     if jwk.get("crv") != "Ed25519":
         raise InvalidPublicKeyError("unsupported OKP curve; use Ed25519")
-    _check_use(jwk, _OKP_ALGS)
+    _check_use(jwk, ED25519.jwk_algs)
     x = _b64(jwk.get("x"), "x")
     if len(x) != 32:
         raise InvalidPublicKeyError("Ed25519 x must be 32 bytes")

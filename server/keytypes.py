@@ -4,20 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-
 from server.errors import InvalidPublicKeyError
 from server.jwk import WalletPublicKey
+from server.keyprofiles import profile_of
 from server.policy import KEY_TYPES
 
 
 def key_type_of(public: WalletPublicKey) -> str:
     """The settings' name of a validated wallet key's type."""
-    if isinstance(public, rsa.RSAPublicKey):
-        return "RSA"
-    if isinstance(public, ed25519.Ed25519PublicKey):
-        return "Ed25519"
-    return "EC-P384" if isinstance(public.curve, ec.SECP384R1) else "EC-P256"
+    return profile_of(public).name
 
 
 def check_key_type(public: WalletPublicKey, allowed: Collection[str]) -> None:

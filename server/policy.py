@@ -10,13 +10,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+from server.keyprofiles import PROFILES
 from server.limits import Limits
 from server.wla import TokenRules
 
 PARTNER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 DEFAULT_INDIVIDUAL_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}"
-#: Every wallet key type KeyBinder accepts, by the name the settings use (server/keytypes.py).
-KEY_TYPES: tuple[str, ...] = ("EC-P256", "EC-P384", "RSA", "Ed25519")
+#: Every wallet key type KeyBinder accepts, by the name the settings use (the rows of server/keyprofiles.py).
+KEY_TYPES: tuple[str, ...] = tuple(p.name for p in PROFILES)
 #: OTPs of digits by default: Inji's OTP box takes digits only (server/otp.py).
 DEFAULT_OTP_ALPHABET = "digits"
 DEFAULT_OTP_LENGTH = 6

@@ -9,8 +9,6 @@ import logging
 import re
 import secrets
 import string
-import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -28,7 +26,7 @@ from server.auth.pin import MAC_PIN
 from server.auth.wla import verify_wallet_token
 from server.breaker import CircuitBreaker
 from server.certs import Issuer, issue_wallet_certificate, to_pem, x5t_s256
-from server.domain import Binding, BindingStatus, Identity, IssuerRecord, OtpChannel, OtpMessage, OtpRecord
+from server.domain import Binding, BindingStatus, Identity, OtpChannel, OtpMessage, OtpRecord
 from server.errors import (
     AuthFailedError,
     BackendUnavailableError,
@@ -48,7 +46,7 @@ from server.errors import (
     SendOtpFailedError,
     TooManyAttemptsError,
 )
-from server.issuers import published_certificates, published_chains, rotation_due, signing_issuer
+from server.issuers import IssuerCache
 from server.jwk import WalletKey, WalletPublicKey, parse_wallet_jwk
 from server.keytypes import check_key_type
 from server.limits import (
@@ -234,7 +232,13 @@ class KeyBinderService:
             policy.challenge_factors,
             policy.challenge_rules,
         )
-        self._issuer_cache = IssuerCache()
+        #: The installed issuers (re-read after ``issuer_cache_seconds``) and the signers of those used.
+        self.issuer_cache = IssuerCache(
+            issuers,
+            issuer_keys,
+            window=timedelta(days=policy.issuer_rotation_window_days),
+            ttl_seconds=policy.issuer_cache_seconds,
+        )
 
     # -- validation helpers ---------------------------------------------------------------
 
@@ -560,7 +564,7 @@ class KeyBinderService:
 
         psut = self._psut(id_hmac, partner_id)
         now = self.clock.now()
-        issuer = self._active_issuer(now)
+        issuer = self.issuer_cache.active(now)
         try:
             cert = issue_wallet_certificate(
                 issuer,
@@ -931,78 +935,22 @@ class KeyBinderService:
         exactly one whose certificates may still be in use. Read from the store on every call (not
         per binding), so a rotation shows here at once.
         """
-        return published_certificates(list(self.issuers.issuers()), self.clock.now(), self._rotation_window)
+        return self.issuer_cache.certificates(self.clock.now())
 
     @backend_errors
     def issuer_chains(self) -> list[tuple[x509.Certificate, list[x509.Certificate]]]:
         """The issuers of `issuer_certificates`, each with the CA certificates above it."""
-        return published_chains(list(self.issuers.issuers()), self.clock.now(), self._rotation_window)
+        return self.issuer_cache.chains(self.clock.now())
 
     @backend_errors
     def active_issuer(self) -> Issuer:
         """The issuer that signs new wallet certificates now."""
-        return self._active_issuer(self.clock.now())
-
-    @property
-    def _rotation_window(self) -> timedelta:
-        return timedelta(days=self.policy.issuer_rotation_window_days)
+        return self.issuer_cache.active(self.clock.now())
 
     def refresh_issuers(self) -> None:
         """Forget the cached issuer list: the next binding reads it again (after `keys rotate` in-process)."""
-        self._issuer_cache.records = None
+        self.issuer_cache.refresh()
 
     def issuer_warning(self) -> str | None:
         """Why the issuer keys need an operator now (rotation due, or no valid key), else None."""
-        return rotation_due(self._issuer_records(force=False), self.clock.now(), self._rotation_window)
-
-    def _issuer_records(self, *, force: bool) -> tuple[IssuerRecord, ...]:
-        """The installed issuers, read at most once per ``issuer_cache_seconds`` (monotonic time), so a
-        binding costs no issuer query and a key rotated by another process is picked up within the TTL."""
-        cache = self._issuer_cache
-        records = cache.records
-        if not force and records is not None and cache.monotonic() - cache.loaded_at < self.policy.issuer_cache_seconds:
-            return records
-        with cache.lock:
-            if not force and cache.records is not None and cache.records is not records:
-                return cache.records  # another thread refreshed it meanwhile
-            fresh = tuple(self.issuers.issuers())
-            cache.records, cache.loaded_at = fresh, cache.monotonic()
-        warning = rotation_due(fresh, self.clock.now(), self._rotation_window)
-        if warning is not None and cache.monotonic() - cache.warned_at >= ISSUER_WARNING_INTERVAL_SECONDS:
-            cache.warned_at = cache.monotonic()
-            log.warning("issuer keys: %s; run `keybinder keys rotate`", warning)
-        return fresh
-
-    def _active_issuer(self, now: datetime) -> Issuer:
-        window = self._rotation_window
-        record = signing_issuer(self._issuer_records(force=False), now, window)
-        if record is None:  # perhaps a key was installed since the last read
-            record = signing_issuer(self._issuer_records(force=True), now, window)
-        if record is None:
-            log.error("no valid issuer key; run `keybinder keys rotate`")
-            raise KeyBindingFailedError("key binding failed: no usable issuer")
-        cache = self._issuer_cache
-        issuer = cache.loaded.get(record.key_label)
-        if issuer is None:  # a label's row never changes once installed, so its Issuer is kept for good
-            chain = tuple(x509.load_pem_x509_certificates(record.chain_pem.encode())) if record.chain_pem else ()
-            cert = x509.load_pem_x509_certificate(record.certificate_pem.encode())
-            issuer = Issuer(record.key_label, cert, self.issuer_keys.signer(record.key_label), chain)
-            cache.loaded[record.key_label] = issuer
-            log.info("issuer key %r signs new wallet certificates", record.key_label)
-        return issuer
-
-
-ISSUER_WARNING_INTERVAL_SECONDS = 3600.0
-
-
-class IssuerCache:
-    """A replica's view of the issuers table, and the HSM signers of the keys it has used."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.records: tuple[IssuerRecord, ...] | None = None
-        self.loaded_at = 0.0
-        self.warned_at = -ISSUER_WARNING_INTERVAL_SECONDS
-        self.loaded: dict[str, Issuer] = {}
-        #: The TTL's clock: monotonic, so a stepped wall clock neither freezes nor floods the cache.
-        self.monotonic: Callable[[], float] = time.monotonic
+        return self.issuer_cache.warning(self.clock.now())

@@ -20,10 +20,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from joserfc import jws
 from joserfc.errors import BadSignatureError, JoseError
-from joserfc.jwk import ECKey, OKPKey, RSAKey
 
 from server.errors import (
     InvalidProofOfPossessionError,
@@ -37,12 +35,13 @@ from server.errors import (
     TokenLifetimeTooLongError,
     TokenNotYetValidError,
 )
+from server.keyprofiles import ALL_JWS_ALGS, find_profile, profile_of
 
 MIN_TOKEN_CHARS = 100
 MAX_TOKEN_CHARS = 8192
 MAX_JTI_CHARS = 256
 #: Every asymmetric algorithm a wallet key may sign with; 'none' and HS* never appear.
-ALLOWED_ALGS = frozenset({"RS256", "PS256", "ES256", "ES384", "EdDSA", "Ed25519"})
+ALLOWED_ALGS = ALL_JWS_ALGS
 #: Header parameters we understand and may therefore accept in 'crit'.
 _UNDERSTOOD_CRIT: frozenset[str] = frozenset()
 
@@ -103,24 +102,13 @@ def read_header(token: str) -> TokenHeader:
 
 
 def _algs_for(key: Any) -> frozenset[str]:
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        return frozenset({"ES256"}) if isinstance(key.curve, ec.SECP256R1) else frozenset({"ES384"})
-    if isinstance(key, rsa.RSAPublicKey):
-        return frozenset({"RS256", "PS256"})
-    if isinstance(key, ed25519.Ed25519PublicKey):
-        return frozenset({"EdDSA", "Ed25519"})
-    return frozenset()
+    profile = find_profile(key)
+    return profile.jws_algs if profile is not None else frozenset()
 
 
 def _deserialize(token: str, public: Any, alg: str) -> bytes:
     """joserfc verification of ``token`` under exactly ``alg`` with ``public``; the payload."""
-    jwk: ECKey | RSAKey | OKPKey
-    if isinstance(public, ec.EllipticCurvePublicKey):
-        jwk = ECKey.import_key(public)
-    elif isinstance(public, rsa.RSAPublicKey):
-        jwk = RSAKey.import_key(public)
-    else:
-        jwk = OKPKey.import_key(public)
+    jwk = profile_of(public).import_jose(public)
     with warnings.catch_warnings():
         # "EdDSA" is what wallets send today; RFC 9864's deprecation is not a reason to refuse it.
         warnings.filterwarnings("ignore", message="EdDSA is deprecated")

@@ -35,12 +35,13 @@ SERVICE_LAYER = {
     "server.deadline": "the caller's deadline as a context variable, with no transport type",
     "server.pin_policy": "the enrolment rules for PINs (guessable PINs refused)",
     "server.sweeper": "periodic maintenance over the ports: purge expired rows, sign audit chain heads",
+    "server.keyprofiles": "the key-type table (JWS algs, hash, JWK kty/crv, HSM kind) and its one type dispatch",
     "server.keytypes": "wallet key types by name, as operators allow them per partner",
     "server.otp": "OTP alphabets and drawing a code",
     "server.aliases": "an individual's aliases (UIN, VIDs): their port and the admin operations",
     "server.wla": "WLA token and proof-of-possession verification",
     "server.certs": "certificate profiles (the signer is any cryptography private key)",
-    "server.issuers": "which issuer key signs and which are published",
+    "server.issuers": "which issuer key signs and which are published; the cache of installed issuers",
     "server.limits": "abuse-limit rules",
     "server.audit": "audit entries and their hash chain",
     "server.logs": "log records with request context (plain logging; the gRPC hook is in grpc_api)",
@@ -198,7 +199,8 @@ BOTTOM = {
     "server.limits": (),
     "server.audit": (),
     "server.ports": ("server.domain", "server.audit", "server.limits"),
-    "server.policy": ("server.limits", "server.wla"),
+    "server.keyprofiles": (),
+    "server.policy": ("server.limits", "server.wla", "server.keyprofiles"),
 }
 
 

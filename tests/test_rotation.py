@@ -15,6 +15,8 @@ from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import psycopg
 import pytest
@@ -37,13 +39,14 @@ from server.app import (
     rotate_issuer,
 )
 from server.auth import Challenge
-from server.certs import x5t_s256
+from server.certs import build_issuer_certificate, to_pem, x5t_s256
 from server.config import Settings, load_settings
 from server.domain import IssuerRecord, PendingIssuer
 from server.errors import KeyBindingFailedError
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.grpc_api.demo import new_wallet_key
-from server.issuers import IssuerState
+from server.issuers import IssuerCache, IssuerState
+from server.ports import IssuerKeys, IssuerStore
 from server.stores import open_store
 from server.stores import postgres as pg
 from server.stores import sqlite as sqlite_store
@@ -599,7 +602,7 @@ def test_near_its_end_the_issuer_cuts_certificates_short_warns_and_hands_over_af
     (old,) = own_app.store.issuers()
     clock = Clock(old.not_after - 30 * DAY)  # inside the 60-day window, no next key
     own_app.service.clock = clock
-    with caplog.at_level(logging.WARNING, logger="server.service"):
+    with caplog.at_level(logging.WARNING, logger="server.issuers"):
         cert = bind_direct(own_app)
     assert cert.not_valid_after_utc == old.not_after  # never beyond the issuer's notAfter
     assert any("keys rotate" in r.getMessage() and old.key_label in r.getMessage() for r in caplog.records)
@@ -621,7 +624,7 @@ def test_near_its_end_the_issuer_cuts_certificates_short_warns_and_hands_over_af
 def test_the_health_probe_warns_of_a_due_rotation_but_passes(own_app: App, caplog: pytest.LogCaptureFixture) -> None:
     (old,) = own_app.store.issuers()
     own_app.service.clock = Clock(old.not_after - 10 * DAY)
-    with caplog.at_level(logging.WARNING, logger="server.service"):
+    with caplog.at_level(logging.WARNING, logger="server.issuers"):
         own_app.probe()  # no exception: health stays SERVING
         own_app.probe()
     warnings = [r.getMessage() for r in caplog.records if "keys rotate" in r.getMessage()]
@@ -652,6 +655,50 @@ def test_init_after_every_issuer_expired_uses_a_fresh_label(settings: Settings, 
     assert sorted(states.values()) == [IssuerState.ACTIVE, IssuerState.EXPIRED]
 
 
+class CountingIssuers:
+    """The one IssuerStore method the cache reads, counting the reads (a unit test above the port)."""
+
+    def __init__(self, records: Sequence[IssuerRecord]) -> None:
+        self.records = list(records)
+        self.reads = 0
+
+    def issuers(self) -> Sequence[IssuerRecord]:
+        self.reads += 1
+        return list(self.records)
+
+
+def test_the_issuer_cache_reads_once_per_ttl_chooses_the_signer_and_publishes_uncached() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = build_issuer_certificate(key, common_name="cache test", now=T0, validity=1095 * DAY)
+    installed = IssuerRecord("k1", "ec-p256", to_pem(cert), T0 + 1095 * DAY, T0, not_before=T0)
+    store = CountingIssuers([installed])
+    signers = SimpleNamespace(signer={"k1": key}.__getitem__)
+    cache = IssuerCache(cast(IssuerStore, store), cast(IssuerKeys, signers), window=WINDOW, ttl_seconds=30.0)
+    ticks = [0.0]
+    cache.monotonic = lambda: ticks[0]
+    at = T0 + DAY
+
+    first = cache.active(at)
+    assert (first.key_label, first.certificate, first.signer) == ("k1", cert, key)
+    assert cache.active(at) is first
+    ticks[0] = 29.0
+    assert cache.warning(at) is None
+    assert store.reads == 1, "one read within the TTL, whatever asks"
+    ticks[0] = 31.0
+    assert cache.active(at) is first  # re-read after the TTL; the Issuer of a label is kept
+    assert store.reads == 2
+    cache.refresh()
+    cache.active(at)
+    assert store.reads == 3
+    assert cache.certificates(at) == [cert]
+    assert cache.chains(at) == [(cert, [])]
+    assert store.reads == 5, "what is published is read on every call"
+    with pytest.raises(KeyBindingFailedError):
+        cache.active(T0 + 2000 * DAY)  # none valid: one forced re-read, then a clean refusal
+    assert store.reads == 6
+    assert "no installed issuer key" in (cache.warning(T0 + 2000 * DAY) or "")
+
+
 # -- replicas on PostgreSQL: a rotation reaches each within the cache TTL, at no per-binding cost ---
 
 
@@ -664,7 +711,7 @@ def test_replicas_pick_up_a_rotation_within_the_cache_ttl(settings: Settings, tm
             ticks = [1000.0]
             reads = [0]
             for app in replicas:
-                app.service._issuer_cache.monotonic = lambda: ticks[0]
+                app.service.issuer_cache.monotonic = lambda: ticks[0]
                 original = app.store.issuers
 
                 def counted(original=original):  # type: ignore[no-untyped-def]
