@@ -50,7 +50,6 @@ SERVICE_LAYER = {
 ADAPTERS = {
     "server": "the package marker",
     "server.__main__": "`python -m server`: the command line",
-    "server.cli": "the command line (typer): a driving adapter over app.py",
     "server.app": "the composition root: builds the HSM key manager (pkcs11), stores and notifiers",
     "server.config": "reads TOML and KEYBINDER_* into Settings, and names the HSM (hsm.Pkcs11Uri, KeyKind)",
     "server.serve": "the grpc.aio server: health, reflection, signals",
@@ -66,6 +65,7 @@ ADAPTER_PACKAGES = {
     "server.gen": "code generated from protos/ (protobuf and grpc)",
     "server.stores": "persistence: SQLite and PostgreSQL",
     "server.notifiers": "OTP delivery: outbox file, SMTP, webhook",
+    "server.cli": "the command line (typer), one module per command group: driving adapters over app.py",
 }
 #: Driven adapters implement ports; they must not load the service, the partner check or a driving adapter.
 DRIVEN = ("server.stores", "server.notifiers", "server.hsm_backend")
