@@ -51,8 +51,8 @@ def identities_import(
     import sqlite3
 
     from server.aliases import Alias, AliasConflict, check_alias, check_alias_free
-    from server.app import identity_record
     from server.audit import Outcome, admin_event
+    from server.enrolment import identity_record
     from server.errors import KeyBinderError
     from server.ports import BackendUnavailable
 
@@ -167,8 +167,8 @@ def identities_add(
     hsm_uri: HsmOpt = None,
 ) -> None:
     """Add or update one identity. The PIN and KBI answers are never taken on the command line."""
-    from server.app import register_identity
     from server.audit import admin_event, id_hmac_subject
+    from server.enrolment import register_identity
     from server.errors import KeyBinderError
 
     settings = settings_for(config, data_dir, database_url, hsm_uri)

@@ -28,7 +28,7 @@ keys_app = typer.Typer(help="Issuer key lifecycle: list, rotate, import a CA-sig
 @issuer_app.command("show")
 def issuer_show(config: ConfigOpt = None, data_dir: DataDirOpt = None, database_url: DbOpt = None) -> None:
     """Print the PEM chain of the issuer certificates that are still valid."""
-    from server.app import issuer_chain_pem
+    from server.issuer_admin import issuer_chain_pem
     from server.stores import open_store
 
     settings = settings_for(config, data_dir, database_url, None)
@@ -45,7 +45,7 @@ def issuer_show(config: ConfigOpt = None, data_dir: DataDirOpt = None, database_
 @keys_app.command("list")
 def keys_list(config: ConfigOpt = None, data_dir: DataDirOpt = None, database_url: DbOpt = None) -> None:
     """Every issuer key with its state: pending, next, active, retiring or expired."""
-    from server.app import issuer_key_statuses
+    from server.issuer_admin import issuer_key_statuses
 
     settings = settings_for(config, data_dir, database_url, None)
     statuses = issuer_key_statuses(settings)
@@ -85,7 +85,7 @@ def keys_rotate(
 ) -> None:
     """Generate a new issuer key on the HSM and its self-signed certificate (or a CSR)."""
     from hsm import HsmError
-    from server.app import IssuerKeyError, rotate_issuer
+    from server.issuer_admin import IssuerKeyError, rotate_issuer
     from server.ports import BackendUnavailable
 
     settings = settings_for(config, data_dir, database_url, hsm_uri)
@@ -116,7 +116,7 @@ def keys_import_cert(
 ) -> None:
     """Install the CA-signed certificate of a key made with `keys rotate --csr`."""
     from hsm import HsmError
-    from server.app import IssuerKeyError, import_issuer_certificate
+    from server.issuer_admin import IssuerKeyError, import_issuer_certificate
     from server.ports import BackendUnavailable
 
     settings = settings_for(config, data_dir, database_url, hsm_uri)
@@ -135,7 +135,7 @@ def keys_csr(
     database_url: DbOpt = None,
 ) -> None:
     """Print the CSR of a pending key again."""
-    from server.app import IssuerKeyError, pending_csr
+    from server.issuer_admin import IssuerKeyError, pending_csr
 
     settings = settings_for(config, data_dir, database_url, None)
     try:

@@ -40,7 +40,7 @@ def init(
 ) -> None:
     """Create (idempotently) the token, HMAC key, issuer key and certificate, and the database."""
     from hsm import HsmError
-    from server.app import initialise
+    from server.provisioning import initialise
 
     settings = settings_for(config, data_dir, database_url, hsm_uri, state=False)
     from server.audit import admin_event
