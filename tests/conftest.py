@@ -23,14 +23,16 @@ from joserfc.jwk import ECKey, OKPKey, RSAKey
 
 from hsm import KeyKind, Pkcs11KeyManager, Pkcs11Uri, TokenNotFoundError
 from hsm.provision import init_token
-from server.app import App, initialise, register_identity
+from server.app import App
 from server.config import DEFAULT_MODULE, Settings, load_settings
 from server.domain import Partner
+from server.enrolment import register_identity
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
 from server.grpc_api.demo import WalletPrivateKey, read_otp
 from server.partners import hash_api_key, new_api_key
 from server.pin_policy import pin_rule_broken
+from server.provisioning import initialise
 from server.serve import Server
 from server.stores import Store, open_store
 from tests.hsm_backends import (

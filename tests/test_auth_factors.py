@@ -19,10 +19,11 @@ import psycopg
 import pytest
 
 from server import auth
-from server.app import initialise, register_identity
 from server.config import Settings, load_settings
+from server.enrolment import register_identity
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.grpc_api.demo import new_wallet_key, read_otp
+from server.provisioning import initialise
 from server.stores.sqlite import SqliteStore
 from tests.conftest import (
     POP_OFF_PARTNER,

@@ -26,9 +26,9 @@ from pkilint.bin import lint_pkix_signer_signee_cert_chain
 from pkilint.pkix import certificate, extension, name
 from pkilint.validation import ValidationFindingSeverity
 
-from server.app import issuer_chain_pem
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.grpc_api.demo import new_wallet_key
+from server.issuer_admin import issuer_chain_pem
 from server.jwk import WalletPublicKey, parse_wallet_jwk
 from tests.conftest import (
     PARTNER,

@@ -16,10 +16,10 @@ import grpc
 import pytest
 from cryptography import x509
 
-from server.app import DEMO_PARTNER
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
 from server.grpc_api.demo import new_wallet_key, read_otp
+from server.provisioning import DEMO_PARTNER
 from server.stores.sqlite import SqliteStore
 from tests.conftest import LOOSE_LIMITS, SOFTHSM_MODULE, require
 

@@ -25,10 +25,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
 from server.aliases import Alias, add_alias, revoke_alias
-from server.app import initialise, register_identity
 from server.config import Settings, load_settings
+from server.enrolment import register_identity
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.grpc_api.demo import new_wallet_key
+from server.provisioning import initialise
 from server.service import KeyBinderService, b64url
 from tests.conftest import (
     PARTNER,

@@ -20,7 +20,7 @@ from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.app import register_identity
+from server.enrolment import register_identity
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
 from server.grpc_api.demo import WalletPrivateKey, new_wallet_key

@@ -347,7 +347,7 @@ def test_enrolment_refuses_guessable_pins_naming_the_rule(tmp_path_factory: pyte
 
 def test_unknown_id_and_missing_contact_get_the_same_answer(kb: RunningServer) -> None:
     no_phone = new_person(kb)
-    from server.app import register_identity
+    from server.enrolment import register_identity
 
     register_identity(
         kb.app.service,

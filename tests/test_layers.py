@@ -51,8 +51,10 @@ SERVICE_LAYER = {
 ADAPTERS = {
     "server": "the package marker",
     "server.__main__": "`python -m server`: the command line",
-    "server.cli": "the command line (typer): a driving adapter over app.py",
     "server.app": "the composition root: builds the HSM key manager (pkcs11), stores and notifiers",
+    "server.provisioning": "the idempotent `init`: SoftHSM token and PINs, keys on the HSM, schema, demo partner",
+    "server.issuer_admin": "issuer key administration: keys on the HSM (hsm), certificates and CSRs in the store",
+    "server.enrolment": "identity enrolment: drives the service (HMACs, ID and PIN checks) into the store",
     "server.config": "reads TOML and KEYBINDER_* into Settings, and names the HSM (hsm.Pkcs11Uri, KeyKind)",
     "server.serve": "the grpc.aio server: health, reflection, signals",
     "server.workers": "processes sharing the port; starts serve",
@@ -67,11 +69,12 @@ ADAPTER_PACKAGES = {
     "server.gen": "code generated from protos/ (protobuf and grpc)",
     "server.stores": "persistence: SQLite and PostgreSQL",
     "server.notifiers": "OTP delivery: outbox file, SMTP, webhook",
+    "server.cli": "the command line (typer), one module per command group: driving adapters over app.py",
 }
 #: Driven adapters implement ports; they must not load the service, the partner check or a driving adapter.
 DRIVEN = ("server.stores", "server.notifiers", "server.hsm_backend")
 #: What drives the service: only these may import server.service.
-DRIVERS = ("server.app", "server.grpc_api", "server.cli", "server.serve")
+DRIVERS = ("server.app", "server.grpc_api", "server.cli", "server.serve", "server.enrolment")
 
 GRPC = ("grpc", "grpc_status", "grpc_health", "grpc_reflection", "google.rpc")
 FORBIDDEN_IN_SERVICE_LAYER = (*GRPC, "pkcs11", "hsm")

@@ -13,9 +13,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from server.app import initialise, issuer_chain_pem
 from server.config import load_settings
 from server.grpc_api.demo import new_wallet_key
+from server.issuer_admin import issuer_chain_pem
+from server.provisioning import initialise
 from tests.conftest import RunningServer, bind_request, md, new_person, otp_challenge, running, send_otp
 from tests.hsm_backends import HsmBackend
 

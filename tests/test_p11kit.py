@@ -23,9 +23,9 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 
-from server.app import issuer_chain_pem
 from server.config import Settings
 from server.gen.keybinder.v1 import keybinder_pb2_grpc as pb_grpc
+from server.issuer_admin import issuer_chain_pem
 from tests.conftest import (
     SOFTHSM_MODULE,
     RunningServer,

@@ -23,7 +23,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from server import partners as partners_module
-from server.app import DEMO_PARTNER
 from server.config import load_settings
 from server.domain import Partner
 from server.errors import BackendUnavailableError, InvalidPartnerError, RequiredHeaderMissingError
@@ -39,6 +38,7 @@ from server.partners import (
     new_api_key,
 )
 from server.ports import StoreUnavailable
+from server.provisioning import DEMO_PARTNER
 from server.serve import SERVICE_NAME
 from server.stores.sqlite import SqliteStore
 from tests.conftest import PARTNER, PARTNER_KEYS, Person, RunningServer, failure, md, send_otp

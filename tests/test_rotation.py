@@ -28,25 +28,19 @@ from cryptography.x509.oid import NameOID
 from yoyo import get_backend, read_migrations
 
 from server import issuers as lifecycle
-from server.app import (
-    App,
-    IssuerKeyError,
-    build_app,
-    import_issuer_certificate,
-    initialise,
-    issuer_key_statuses,
-    register_identity,
-    rotate_issuer,
-)
+from server.app import App, build_app
 from server.auth import Challenge
 from server.certs import build_issuer_certificate, to_pem, x5t_s256
 from server.config import Settings, load_settings
 from server.domain import IssuerRecord, PendingIssuer
+from server.enrolment import register_identity
 from server.errors import KeyBindingFailedError
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.grpc_api.demo import new_wallet_key
+from server.issuer_admin import IssuerKeyError, import_issuer_certificate, issuer_key_statuses, rotate_issuer
 from server.issuers import IssuerCache, IssuerState
 from server.ports import IssuerKeys, IssuerStore
+from server.provisioning import initialise
 from server.stores import open_store
 from server.stores import postgres as pg
 from server.stores import sqlite as sqlite_store

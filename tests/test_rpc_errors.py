@@ -19,8 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from joserfc.jwk import ECKey
 
-from server.app import register_identity
 from server.domain import BindingStatus
+from server.enrolment import register_identity
 from server.gen.keybinder.v1 import keybinder_pb2 as pb
 from server.grpc_api.demo import new_wallet_key
 from server.jwk import parse_wallet_jwk
