@@ -363,9 +363,10 @@ def test_frozen_database_does_not_stall_health_or_other_rpcs(
         cluster_wait(lambda: load.acks_after(0) >= 10, 30, "binds before the freeze")
         freeze(cluster, signal.SIGSTOP)
         try:
-            frozen = time.monotonic()
             time.sleep(1.0)  # the load's calls are now stuck in the database
-            stuck_before = load.acks_after(frozen)
+            # A binding that committed just before the freeze may be acknowledged just after it: count from
+            # here, when every answer from before the freeze has arrived.
+            frozen = time.monotonic()
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                 health = health_pb2_grpc.HealthStub(channel)
                 stub = pb_grpc.KeyBinderServiceStub(channel)
@@ -380,7 +381,7 @@ def test_frozen_database_does_not_stall_health_or_other_rpcs(
                     time.sleep(0.2)
             # Well below the pool's wait (5 s), which is what a call stuck behind the database would take.
             assert slowest < 1.0, f"health + GetSupportedChallengeFormats took {slowest:.2f} s with the database frozen"
-            assert load.acks_after(frozen) == stuck_before == 0, "binds went through a frozen database"
+            assert load.acks_after(frozen) == 0, "binds went through a frozen database"
         finally:
             freeze(cluster, signal.SIGCONT)
         thawed = time.monotonic()

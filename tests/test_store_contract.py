@@ -1045,6 +1045,30 @@ def test_upsert_identities_in_one_transaction(store: Store) -> None:
 
 
 @contract
+def test_upsert_identities_writes_kbi_answers_and_aliases_with_them_or_nothing(store: Store) -> None:
+    alice, bob, vid, taken = new_id(), new_id(), new_id(), new_id()
+    store.upsert_identity(Identity(bob, None, None, "B", None))
+    store.add_alias(Alias(taken, bob, "VID", T0))
+    # An alias another individual holds: the whole import is refused, nothing of it is written.
+    with pytest.raises(AliasConflict):
+        store.upsert_identities(
+            [Identity(alice, None, None, "A", None)],
+            kbi=[{"dob": b"m1"}],
+            aliases=[Alias(vid, alice, "VID", T0), Alias(taken, alice, "VID", T0)],
+        )
+    assert store.get_identity(alice) is None
+    assert store.kbi_answers(alice) == {}
+    assert store.resolve_individual(vid, T0) is None
+    assert store.resolve_individual(taken, T0) == bob
+    # A free alias: identity, answers and alias in one go.
+    assert store.upsert_identities(
+        [Identity(alice, None, None, "A", None)], kbi=[{"dob": b"m1"}], aliases=[Alias(vid, alice, "VID", T0)]
+    ) == (1, 0)
+    assert store.kbi_answers(alice) == {"dob": b"m1"}
+    assert store.resolve_individual(vid, T0) == alice
+
+
+@contract
 def test_signed_heads_move_forward_only(store: Store) -> None:
     alice, bob = new_id(), new_id()
     for _ in range(3):

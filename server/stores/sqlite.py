@@ -269,18 +269,7 @@ class SqliteStore:
                     [(identity.id_hmac, field_id, mac) for field_id, mac in (answers or {}).items()],
                 )
             for alias in aliases:
-                row = conn.execute(
-                    SQL_UPSERT_ALIAS,
-                    (
-                        alias.alias_hmac,
-                        alias.id_hmac,
-                        alias.alias_type,
-                        ts(alias.created_at),
-                        _opt_text(alias.expires_at),
-                    ),
-                ).fetchone()
-                if row is None:
-                    raise AliasConflict("an alias is registered to another individual or was revoked")
+                _upsert_alias(conn, alias)
             if audit is not None:
                 self._append_audit(conn, audit(added, len(identities) - added))
         return added, len(identities) - added
@@ -906,18 +895,7 @@ class SqliteStore:
 
     def add_alias(self, alias: Alias) -> None:
         with self._tx() as conn:
-            row = conn.execute(
-                SQL_UPSERT_ALIAS,
-                (
-                    alias.alias_hmac,
-                    alias.id_hmac,
-                    alias.alias_type,
-                    ts(alias.created_at),
-                    _opt_text(alias.expires_at),
-                ),
-            ).fetchone()
-        if row is None:
-            raise AliasConflict("the alias is registered to another individual or was revoked")
+            _upsert_alias(conn, alias)
 
     def revoke_alias(self, alias_hmac: bytes, now: datetime) -> bool:
         with self._tx() as conn:
@@ -1093,3 +1071,14 @@ def _binding(r: sqlite3.Row) -> Binding:
         revoked_at=parse_ts(r["revoked_at"]) if r["revoked_at"] else None,
         revocation_reason=r["revocation_reason"],
     )
+
+
+def _upsert_alias(conn: sqlite3.Connection, alias: Alias) -> None:
+    """Record the alias, or update the same individual's active one; AliasConflict (the transaction is rolled
+    back) when it belongs to another individual or was revoked."""
+    row = conn.execute(
+        SQL_UPSERT_ALIAS,
+        (alias.alias_hmac, alias.id_hmac, alias.alias_type, ts(alias.created_at), _opt_text(alias.expires_at)),
+    ).fetchone()
+    if row is None:
+        raise AliasConflict("the alias is registered to another individual or was revoked")
