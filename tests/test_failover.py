@@ -69,6 +69,8 @@ class Load:
     metadata: tuple[tuple[str, str], ...]
     people: list[str] = field(default_factory=lambda: PEOPLE)
     acknowledged: list[tuple[float, str, str]] = field(default_factory=list)
+    #: When each acknowledged call was sent (same order as ``acknowledged``).
+    sent: list[float] = field(default_factory=list)
     failures: list[tuple[float, grpc.StatusCode, str]] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -87,6 +89,7 @@ class Load:
                     public_key_jwk=new_wallet_key("ec-p256")[1],
                     bind_auth_factor_type="WLA",
                 )
+                began = time.monotonic()
                 try:
                     response = stub.DoKeyBinding(request, metadata=self.metadata, timeout=15)
                 except grpc.RpcError as err:
@@ -96,6 +99,7 @@ class Load:
                     continue
                 with self.lock:
                     self.acknowledged.append((time.monotonic(), person, response.thumbprint))
+                    self.sent.append(began)
                 self.stop.wait(0.03)  # bounded: ~25 binds/s per thread at most
 
     def start(self, threads: int) -> None:
@@ -109,8 +113,10 @@ class Load:
             thread.join(60)
 
     def first_ack_after(self, moment: float) -> float | None:
+        """When the first call sent after ``moment`` was acknowledged (a call committed just before it may be
+        acknowledged just after it: that one says nothing about the time after)."""
         with self.lock:
-            return next((t for t, _, _ in self.acknowledged if t > moment), None)
+            return next((t for (t, _, _), s in zip(self.acknowledged, self.sent, strict=True) if s > moment), None)
 
     def acks_after(self, moment: float) -> int:
         with self.lock:
