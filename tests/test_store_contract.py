@@ -1055,6 +1055,7 @@ def test_upsert_identities_writes_kbi_answers_and_aliases_with_them_or_nothing(s
             [Identity(alice, None, None, "A", None)],
             kbi=[{"dob": b"m1"}],
             aliases=[Alias(vid, alice, "VID", T0), Alias(taken, alice, "VID", T0)],
+            audit=lambda new, changed: admin_event(T0, "import", subject=f"{new}/{changed}"),
         )
     assert store.get_identity(alice) is None
     assert store.kbi_answers(alice) == {}
@@ -1062,7 +1063,10 @@ def test_upsert_identities_writes_kbi_answers_and_aliases_with_them_or_nothing(s
     assert store.resolve_individual(taken, T0) == bob
     # A free alias: identity, answers and alias in one go.
     assert store.upsert_identities(
-        [Identity(alice, None, None, "A", None)], kbi=[{"dob": b"m1"}], aliases=[Alias(vid, alice, "VID", T0)]
+        [Identity(alice, None, None, "A", None)],
+        kbi=[{"dob": b"m1"}],
+        aliases=[Alias(vid, alice, "VID", T0)],
+        audit=lambda new, changed: admin_event(T0, "import", subject=f"{new}/{changed}"),
     ) == (1, 0)
     assert store.kbi_answers(alice) == {"dob": b"m1"}
     assert store.resolve_individual(vid, T0) == alice

@@ -626,14 +626,14 @@ class PostgresStore:
                 cur.execute(SQL_DELETE_KBI, (i.id_hmac,))
                 for field_id, mac in (answers or {}).items():
                     cur.execute(SQL_INSERT_KBI, (i.id_hmac, field_id, mac))
-            for a in aliases:
-                cur.execute(SQL_UPSERT_ALIAS, (a.alias_hmac, a.id_hmac, a.alias_type, a.created_at, a.expires_at))
-                if cur.fetchone() is None:
-                    raise AliasConflict("an alias is registered to another individual or was revoked")
             if audit is not None:
                 event = audit(added, len(identities) - added)
                 cur.execute(SQL_LOCK_INDIVIDUAL, (AUDIT_LOCK_NAMESPACE, _chain_lock_key(event.chain_key)))
                 self._append_audit(cur, event)
+            for a in aliases:  # a conflict rolls back everything above, the audit entry too
+                cur.execute(SQL_UPSERT_ALIAS, (a.alias_hmac, a.id_hmac, a.alias_type, a.created_at, a.expires_at))
+                if cur.fetchone() is None:
+                    raise AliasConflict("an alias is registered to another individual or was revoked")
             return added
 
         added = self._run(work, write=True)
