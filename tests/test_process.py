@@ -396,6 +396,13 @@ def bind_once(port: int, data_dir: Path, timeout: float = 10) -> str:
         return str(stub.DoKeyBinding(request, metadata=partner_md(data_dir), timeout=timeout).thumbprint)
 
 
+def _binds(port: int, data_dir: Path) -> bool:
+    try:
+        return bool(bind_once(port, data_dir, timeout=5))
+    except grpc.RpcError:
+        return False
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_descriptor_flood_passes_and_never_reaches_the_hsm(data_dir: Path, workers: str) -> None:
     proc = subprocess.Popen(
@@ -425,7 +432,9 @@ def test_a_descriptor_flood_passes_and_never_reaches_the_hsm(data_dir: Path, wor
         recovered = wait_for(lambda: health(port, timeout=1) == health_pb2.HealthCheckResponse.SERVING, 60)
         recovery = time.monotonic() - flooded
         assert recovered, "health never answered SERVING again while the flood's connections stayed open"
-        assert bind_once(port, data_dir), "the HSM session must still sign"
+        # With two workers a new connection may reach the other one, whose share of the flood is closed only
+        # by its own handshake timeout: retry until every worker has recovered.
+        assert wait_for(lambda: _binds(port, data_dir), 30), "the HSM session must still sign"
         print(
             f"\ndescriptor flood ({workers} worker(s), limit {FLOOD_LIMIT}): {len(sockets)} idle connections in "
             f"{flooded - started:.1f} s; health SERVING again {recovery:.1f} s after the flood"
